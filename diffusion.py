@@ -1,0 +1,149 @@
+"""The LightningModule: wires backbone, algorithm, EMA, optimizer and metrics.
+
+The math lives in ``algorithms.py`` (losses), ``noise_schedule.py`` and ``samplers.py``;
+this module only orchestrates training, validation and sampling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterable, Iterator
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from algorithms import MDLM
+from metrics import NLLMetric
+from models.ema import ExponentialMovingAverage
+from samplers import Sampler, SampleOutput
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
+class Diffusion(L.LightningModule):
+    """Trains and evaluates a masked diffusion LM.
+
+    Args:
+        backbone: ``(tokens (B, L), sigma (B,)) -> logits (B, L, V)``.
+        algorithm: the parameterization and loss (e.g. :class:`algorithms.MDLM`).
+        optimizer: builds the optimizer from the trainable parameters.
+        lr_scheduler: builds a per-step LR scheduler from the optimizer, or None.
+        ema_decay: EMA decay (0 disables EMA). EMA weights are used for validation and
+            sampling and saved in checkpoints under ``ema``.
+        run_config: the resolved run config, saved in checkpoints under ``config``.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        algorithm: MDLM,
+        optimizer: OptimizerFactory,
+        lr_scheduler: SchedulerFactory | None = None,
+        ema_decay: float = 0.9999,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.algorithm = algorithm
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.run_config = run_config
+        self.ema = ExponentialMovingAverage(self.trainable_parameters(), ema_decay) if ema_decay > 0 else None
+        self.val_metric = NLLMetric()
+        self.last_val: dict[str, float] = {}
+
+    # ----------------------------------------------------------------- parameters, EMA
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Swap the EMA weights in for the duration of the block."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.trainable_parameters())
+        self.ema.copy_to(self.trainable_parameters())
+        try:
+            yield
+        finally:
+            self.ema.restore(self.trainable_parameters())
+
+    def use_ema_weights_permanently(self) -> None:
+        """For evaluation only: load the EMA weights into the model and drop the EMA."""
+        if self.ema is not None:
+            self.ema.copy_to(self.trainable_parameters())
+            self.ema = None
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.update(self.trainable_parameters())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+        if self.run_config is not None:
+            checkpoint["config"] = self.run_config
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
+
+    # ----------------------------------------------------------------- training
+    def _token_nll(self, batch: dict[str, Tensor]) -> Tensor:
+        """Per-token NELBO (B, L), zero where attention_mask is 0."""
+        nll = self.algorithm.loss(self.backbone, batch["input_ids"])
+        return nll * batch["attention_mask"]
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self._token_nll(batch).sum() / batch["attention_mask"].sum()
+        # Logged lazily: Lightning reads the value only every `log_every_n_steps`.
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.trainable_parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        self._ema_context = self.ema_weights()
+        self._ema_context.__enter__()
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        nll = self._token_nll(batch)
+        self.val_metric.update(nll.sum(-1), batch["attention_mask"].sum(-1), batch.get("true_nll"))
+
+    def on_validation_epoch_end(self) -> None:
+        results = {k: float(v) for k, v in self.val_metric.compute().items()}
+        self.val_metric.reset()
+        self._ema_context.__exit__(None, None, None)
+        self.last_val = results
+        for key in ("nll", "bpd", "ppl", "true_nll", "gap"):
+            if key in results:
+                self.log(f"val/{key}", results[key], prog_bar=key in ("nll", "true_nll"))
+
+    # ----------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def generate(
+        self,
+        sampler: Sampler,
+        x: Tensor,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> SampleOutput:
+        """Fill the masked positions of ``x`` (B, L) with the EMA weights in eval mode."""
+        was_training = self.training
+        self.eval()
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else contextlib.nullcontext()
+        try:
+            with self.ema_weights(), autocast:
+                return sampler.sample(self.algorithm.denoiser(self.backbone), x, generator=generator, progress=progress)
+        finally:
+            self.train(was_training)

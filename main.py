@@ -1,0 +1,320 @@
+"""Entry point: ``python main.py mode=train|ppl_eval|sample_eval [overrides]``.
+
+Hydra composes ``configs/config.yaml``; this file builds data, model and trainer from it and
+dispatches on ``mode`` through :data:`MODES`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch.utils.data import DataLoader, Dataset
+
+import utils
+from algorithms import build_algorithm
+from dataloader import decode, vocab_and_mask
+from diffusion import Diffusion
+from samplers import build_sampler
+
+# Config keys that define the network; for evaluation they come from the checkpoint.
+ARCHITECTURE_KEYS = ("model", "backbone", "noise", "parameterization", "time_conditioning", "T", "subs_masking")
+
+
+# --------------------------------------------------------------------------- building blocks
+def check_supported(cfg: DictConfig) -> None:
+    """Reject options whose implementation has not landed yet, instead of ignoring them."""
+    pending = {
+        "T": (cfg.T != 0, "discrete time (T > 0) is not implemented yet; use T=0 (continuous time)"),
+        "training.importance_sampling": (cfg.training.importance_sampling, "is not implemented yet for subs"),
+        "training.change_of_variables": (cfg.training.change_of_variables, "is not implemented yet for subs"),
+        "subs_masking": (cfg.subs_masking, "only applies to the d3pm parameterization, which is not implemented yet"),
+        "sampling.semi_ar": (cfg.sampling.semi_ar, "semi-autoregressive sampling is not implemented yet"),
+        "eval.compute_generative_perplexity": (
+            cfg.eval.compute_generative_perplexity,
+            "generative perplexity is not implemented yet",
+        ),
+    }
+    for key, (active, reason) in pending.items():
+        if active:
+            raise ValueError(f"{key}={OmegaConf.select(cfg, key)}: {reason}. Remove the override.")
+
+
+def build_module(cfg: DictConfig, vocab_size: int, mask_index: int) -> Diffusion:
+    backbone = instantiate(cfg.backbone, vocab_size=vocab_size)
+    algorithm = build_algorithm(
+        cfg.parameterization,
+        noise=instantiate(cfg.noise),
+        mask_index=mask_index,
+        sampling_eps=cfg.training.sampling_eps,
+        antithetic_sampling=cfg.training.antithetic_sampling,
+        time_conditioning=cfg.time_conditioning,
+    )
+    optimizer = functools.partial(
+        torch.optim.AdamW,
+        lr=cfg.optim.lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    return Diffusion(
+        backbone=backbone,
+        algorithm=algorithm,
+        optimizer=optimizer,
+        lr_scheduler=instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
+        ema_decay=cfg.training.ema,
+        run_config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
+    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="csv", version="")]
+    valid = ("offline", "online", "disabled")
+    if cfg.wandb.mode not in valid:
+        raise ValueError(f"wandb.mode={cfg.wandb.mode!r} is not one of {valid}.")
+    if cfg.wandb.mode != "disabled":
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers.append(
+            WandbLogger(
+                project=cfg.wandb.project,
+                name=cfg.wandb.name,
+                group=cfg.wandb.group,
+                notes=cfg.wandb.notes,
+                tags=list(cfg.wandb.tags),
+                save_dir=str(run_dir),
+                offline=cfg.wandb.mode == "offline",
+            )
+        )
+    return loggers
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, utils.BatchPlan, utils.BatchPlan]:
+    """The Lightning trainer plus the train and eval batch plans for this device count."""
+    accelerator, devices = utils.resolve_accelerator(cfg.trainer.accelerator, cfg.trainer.devices)
+    world_size = devices * cfg.trainer.num_nodes
+    train_plan = utils.plan_batches(cfg.loader.global_batch_size, world_size, cfg.loader.batch_size)
+    eval_plan = utils.plan_batches(cfg.loader.eval_global_batch_size, world_size, cfg.loader.eval_batch_size)
+    precision = cfg.trainer.precision
+    if precision == "auto":
+        precision = utils.default_precision(accelerator)
+    trainer = instantiate(
+        cfg.trainer,
+        accelerator=accelerator,
+        devices=devices,
+        precision=precision,
+        accumulate_grad_batches=train_plan.accumulate,
+        strategy=instantiate(cfg.strategy) if cfg.get("strategy") else "auto",
+        callbacks=[instantiate(c) for c in cfg.callbacks.values()],
+        logger=build_loggers(cfg, run_dir),
+        default_root_dir=str(run_dir),
+    )
+    return trainer, train_plan, eval_plan
+
+
+def make_loader(dataset: Dataset, batch_size: int, cfg: DictConfig, shuffle: bool) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=cfg.loader.num_workers,
+        pin_memory=cfg.loader.pin_memory and torch.cuda.is_available(),
+        persistent_workers=cfg.loader.num_workers > 0,
+    )
+
+
+def build_data(cfg: DictConfig) -> Any:
+    data = instantiate(cfg.data)
+    return data, *vocab_and_mask(data.tokenizer)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def load_for_eval(cfg: DictConfig, vocab_size: int, mask_index: int) -> Diffusion:
+    """Build the model recorded in ``eval.checkpoint_path`` and load its (EMA) weights."""
+    path = Path(cfg.eval.checkpoint_path)
+    if not cfg.eval.checkpoint_path:
+        raise ValueError(f"mode={cfg.mode} needs eval.checkpoint_path=/path/to/checkpoints/last.ckpt.")
+    if not path.is_file():
+        raise FileNotFoundError(f"eval.checkpoint_path={path} does not exist (relative paths start at {Path.cwd()}).")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    saved = checkpoint.get("config")
+    if saved is not None:
+        length = cfg.model.length
+        with open_dict(cfg):
+            for key in ARCHITECTURE_KEYS:
+                if key in saved:
+                    cfg[key] = saved[key]
+            cfg.model.length = length
+        print(f"Architecture from the checkpoint: model={cfg.model.name}, parameterization={cfg.parameterization}.")
+    ckpt_vocab = checkpoint["state_dict"]["backbone.vocab_embed.embedding"].shape[0]
+    if ckpt_vocab != vocab_size:
+        raise ValueError(
+            f"The checkpoint's vocabulary has {ckpt_vocab} entries but data={cfg.data.name} gives {vocab_size}: "
+            "evaluate with the data/tokenizer the model was trained on."
+        )
+    module = build_module(cfg, vocab_size, mask_index)
+    module.load_state_dict(checkpoint["state_dict"])
+    module.on_load_checkpoint(checkpoint)
+    if not cfg.eval.disable_ema:
+        module.use_ema_weights_permanently()
+    return module
+
+
+# --------------------------------------------------------------------------- reports
+@rank_zero_only
+def report_likelihood(results: dict[str, float], title: str) -> None:
+    nll, err = results["nll"], results["nll_stderr"]
+    print(f"\n{title}: {int(results['num_tokens']):,} tokens")
+    print(f"  NLL bound  {nll:.4f} ± {err:.4f} nats/token   BPD {results['bpd']:.4f}   PPL {results['ppl']:.3f}")
+    if "true_nll" in results:
+        print(f"  true NLL   {results['true_nll']:.4f} nats/token            (exact -log p of the same tokens under the source)")
+        print(f"  gap        {results['gap']:.4f} ± {results['gap_stderr']:.4f} nats/token   (bound - truth; >= 0 up to Monte-Carlo error)")
+    print()
+
+
+def generate_samples(
+    cfg: DictConfig, module: Diffusion, data: Any, mask_index: int, num_batches: int, batch_size: int
+) -> list[dict[str, Any]]:
+    """Sample ``num_batches`` batches; one record per sample (text, sampler, steps, nfe, seconds, seed)."""
+    accelerator, _ = utils.resolve_accelerator(cfg.trainer.accelerator, 1)
+    device = torch.device("cuda" if accelerator == "cuda" else "cpu")
+    module.to(device)
+    sampler = build_sampler(
+        cfg.sampling.predictor,
+        noise=module.algorithm.noise,
+        mask_index=mask_index,
+        steps=cfg.sampling.steps,
+        eps=cfg.sampling.eps,
+        noise_removal=cfg.sampling.noise_removal,
+        **({"time_conditioning": cfg.time_conditioning} if cfg.sampling.predictor == "ddpm_cache" else {}),
+    )
+    records = []
+    for batch_index in range(num_batches):
+        seed = cfg.seed * 1_000_003 + batch_index
+        generator = torch.Generator(device).manual_seed(seed)
+        x = torch.full((batch_size, cfg.model.length), mask_index, dtype=torch.long, device=device)
+        start = time.perf_counter()
+        out = module.generate(sampler, x, generator=generator, progress=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        texts = decode(data.tokenizer, out.tokens.cpu(), mask_index)
+        true_nll = data.true_nll_of(out.tokens.cpu()) if getattr(data, "has_true_nll", False) else None
+        for i, text in enumerate(texts):
+            record = {
+                "text": text,
+                "sampler": cfg.sampling.predictor,
+                "steps": cfg.sampling.steps,
+                "nfe": out.nfe,
+                "seconds": seconds / batch_size,
+                "seed": seed,
+                "index_in_batch": i,
+            }
+            if true_nll is not None:
+                record["true_nll_per_token"] = float(true_nll[i]) / cfg.model.length
+            records.append(record)
+    return records
+
+
+def print_samples(records: list[dict[str, Any]], limit: int) -> None:
+    for r in records[:limit]:
+        print(f"--- sample (seed {r['seed']}, #{r['index_in_batch']}, {r['sampler']}, {r['steps']} steps, NFE {r['nfe']})")
+        print(r["text"])
+    if records:
+        seconds = sum(r["seconds"] for r in records) / len(records)
+        print(f"--- {len(records)} samples, {seconds:.3f} s/sample, NFE {records[0]['nfe']}")
+        scored = [r["true_nll_per_token"] for r in records if "true_nll_per_token" in r]
+        if scored:
+            mean = sum(scored) / len(scored)
+            print(f"--- true NLL of the samples under the source: {mean:.4f} nats/token (inf = not a valid sentence stream)")
+
+
+# --------------------------------------------------------------------------- modes
+def train(cfg: DictConfig, run_dir: Path) -> None:
+    data, vocab_size, mask_index = build_data(cfg)
+    module = build_module(cfg, vocab_size, mask_index)
+    trainer, train_plan, eval_plan = build_trainer(cfg, run_dir)
+    print(
+        f"Batch: {train_plan.per_device} per device x {train_plan.world_size} processes "
+        f"x {train_plan.accumulate} accumulation = {train_plan.global_size} sequences of {cfg.model.length} tokens."
+    )
+    train_loader = make_loader(data.train_dataset(), train_plan.per_device, cfg, shuffle=True)
+    valid_loader = make_loader(data.valid_dataset(), eval_plan.per_device, cfg, shuffle=False)
+    ckpt_path = Path(cfg.checkpointing.resume_ckpt_path)
+    resume = cfg.checkpointing.resume_from_ckpt and ckpt_path.is_file()
+    if resume:
+        print(f"Resuming from {ckpt_path}")
+    trainer.fit(module, train_loader, valid_loader, ckpt_path=str(ckpt_path) if resume else None)
+    trainer.validate(module, valid_loader, verbose=False)
+    report_likelihood(module.last_val, "Final validation (EMA weights)")
+    if trainer.is_global_zero and cfg.sampling.num_sample_log > 0:
+        records = generate_samples(cfg, module, data, mask_index, 1, cfg.sampling.num_sample_log)
+        print_samples(records, cfg.sampling.num_sample_log)
+
+
+def ppl_eval(cfg: DictConfig, run_dir: Path) -> None:
+    data, vocab_size, mask_index = build_data(cfg)
+    module = load_for_eval(cfg, vocab_size, mask_index)
+    trainer, _, eval_plan = build_trainer(cfg, run_dir)
+    valid_loader = make_loader(data.valid_dataset(), eval_plan.per_device, cfg, shuffle=False)
+    trainer.validate(module, valid_loader, verbose=False)
+    results = module.last_val
+    report_likelihood(results, f"Perplexity evaluation of {cfg.eval.checkpoint_path} on {cfg.data.name}")
+    if trainer.is_global_zero:
+        payload = {**results, "checkpoint": str(cfg.eval.checkpoint_path), "data": cfg.data.name}
+        utils.write_json(run_dir / "eval_results.json", payload)
+        print(f"Wrote {run_dir / 'eval_results.json'}")
+
+
+def sample_eval(cfg: DictConfig, run_dir: Path) -> None:
+    data, vocab_size, mask_index = build_data(cfg)
+    module = load_for_eval(cfg, vocab_size, mask_index)
+    _, devices = utils.resolve_accelerator(cfg.trainer.accelerator, cfg.trainer.devices)
+    eval_plan = utils.plan_batches(cfg.loader.eval_global_batch_size, devices * cfg.trainer.num_nodes, cfg.loader.eval_batch_size)
+    records = generate_samples(cfg, module, data, mask_index, cfg.sampling.num_sample_batches, eval_plan.per_device)
+    path = run_dir / "samples.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    print_samples(records, len(records))
+    print(f"Wrote {path}")
+
+
+MODES: dict[str, Callable[[DictConfig, Path], None]] = {
+    "train": train,
+    "ppl_eval": ppl_eval,
+    "sample_eval": sample_eval,
+}
+
+
+def run(cfg: DictConfig) -> None:
+    if cfg.mode not in MODES:
+        raise ValueError(f"Unknown mode={cfg.mode!r}. Valid modes: {sorted(MODES)}.")
+    check_supported(cfg)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    L.seed_everything(cfg.seed, workers=True)
+    utils.print_config_tree(cfg, run_dir / f"config_{cfg.mode}.yaml")
+    MODES[cfg.mode](cfg, run_dir)
+
+
+@hydra.main(version_base=None, config_path="configs", config_name="config")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Denoiser backbones (DiT, ...) mapping ``(tokens, sigma)`` to per-position logits."""

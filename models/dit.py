@@ -1,0 +1,368 @@
+"""Diffusion Transformer (DiT) denoiser backbone of MDLM.
+
+A bidirectional transformer with rotary position embeddings whose residual branches are
+modulated by the noise level (adaLN). Given tokens ``x_t`` (B, L) and the total noise
+``sigma`` (B,) it returns unnormalised logits (B, L, V) over the clean tokens; the diffusion
+algorithm turns them into ``log p_theta(x0 | x_t)``.
+
+Parameter names and numerics follow the released MDLM checkpoints (``kuleshov-group/mdlm-owt``
+and the Lightning ``mdlm.ckpt`` after stripping their ``backbone.`` prefix), so those weights
+load with ``strict=True`` and give the same logits: bit for bit in float32; under bf16
+autocast within bf16 rounding (the original fused its elementwise ops with TorchScript,
+whose rounding cannot be reproduced exactly without it).
+
+Attention runs through flash-attn when it is installed and the inputs are fp16/bf16 CUDA
+tensors, and through :func:`torch.nn.functional.scaled_dot_product_attention` otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+try:  # optional CUDA kernel, detected once; everything works without it
+    from flash_attn import flash_attn_qkvpacked_func as _flash_attn_qkvpacked_func
+except ImportError:
+    _flash_attn_qkvpacked_func = None
+
+FLASH_ATTN_AVAILABLE: bool = _flash_attn_qkvpacked_func is not None
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)  # the dtypes flash-attn kernels accept
+
+FREQUENCY_EMBEDDING_SIZE = 256  # sinusoidal features of sigma fed to the conditioning MLP
+MAX_PERIOD = 10_000.0  # longest period of the sigma features
+ROTARY_BASE = 10_000.0  # rotary embedding base
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def sdpa_attention(qkv: Tensor, causal: bool) -> Tensor:
+    """Multi-head softmax attention ``softmax(q k^T / sqrt(D)) v`` with PyTorch SDPA.
+
+    Args:
+        qkv: (B, L, 3, H, D) packed queries, keys and values.
+        causal: if True, position i attends only to positions <= i.
+
+    Returns:
+        (B, L, H * D) attention output with the heads concatenated.
+    """
+    batch, length, _, n_heads, head_dim = qkv.shape
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, D)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, L, D)
+    return out.transpose(1, 2).reshape(batch, length, n_heads * head_dim)
+
+
+def flash_attention(qkv: Tensor, causal: bool) -> Tensor:
+    """Same as :func:`sdpa_attention` with the flash-attn kernel (CUDA, fp16/bf16 only).
+
+    Args:
+        qkv: (B, L, 3, H, D) packed queries, keys and values.
+        causal: if True, position i attends only to positions <= i.
+
+    Returns:
+        (B, L, H * D) attention output with the heads concatenated.
+    """
+    if _flash_attn_qkvpacked_func is None:
+        raise RuntimeError('flash_attention needs the optional flash-attn package')
+    batch, length, _, n_heads, head_dim = qkv.shape
+    out = _flash_attn_qkvpacked_func(qkv, dropout_p=0.0, causal=causal)  # (B, L, H, D)
+    return out.reshape(batch, length, n_heads * head_dim)
+
+
+def attention(qkv: Tensor, causal: bool) -> Tensor:
+    """Dispatch to flash-attn when usable (installed, CUDA, fp16/bf16), else to SDPA.
+
+    Args:
+        qkv: (B, L, 3, H, D) packed queries, keys and values.
+        causal: if True, position i attends only to positions <= i.
+
+    Returns:
+        (B, L, H * D) attention output.
+    """
+    if FLASH_ATTN_AVAILABLE and qkv.is_cuda and qkv.dtype in _FLASH_DTYPES:
+        return flash_attention(qkv, causal)
+    return sdpa_attention(qkv, causal)
+
+
+# --------------------------------------------------------------------------- rotary
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding tables.
+
+    ``inv_freq[j] = 1 / base^(2j / D)`` for ``j < D/2`` (a persistent buffer, as in the
+    released checkpoints); ``cos, sin = cos(p inv_freq[j]), sin(p inv_freq[j])`` at position p.
+    """
+
+    inv_freq: Tensor
+
+    def __init__(self, head_dim: int, base: float = ROTARY_BASE) -> None:
+        super().__init__()
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim  # (D/2,)
+        self.register_buffer('inv_freq', 1.0 / (base**exponents))
+
+    def forward(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Return ``(cos, sin)``, each (L, D/2) in float32."""
+        positions = torch.arange(seq_len, device=device, dtype=torch.float32)  # (L,)
+        freqs = torch.outer(positions, self.inv_freq.float())  # (L, D/2)
+        return freqs.cos(), freqs.sin()
+
+
+def apply_rotary(qkv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate queries and keys (not values) by position, non-interleaved halves.
+
+    With ``x1 = x[..., :D/2]`` and ``x2 = x[..., D/2:]``:
+    ``out = cat(x1 cos - x2 sin, x1 sin + x2 cos)``. The tables are first rounded to the
+    dtype of ``qkv`` (as the released model does), the rotation is computed in float32 and
+    the result is cast back to the dtype of ``qkv``.
+
+    Args:
+        qkv: (B, L, 3, H, D) packed queries, keys and values.
+        cos: (L, D/2) cosine table.
+        sin: (L, D/2) sine table.
+
+    Returns:
+        (B, L, 3, H, D) with q and k rotated.
+    """
+    half = qkv.shape[-1] // 2
+    cos = cos.to(qkv.dtype).float()[None, :, None, None, :]  # (1, L, 1, 1, D/2)
+    sin = sin.to(qkv.dtype).float()[None, :, None, None, :]  # (1, L, 1, 1, D/2)
+    qk = qkv[:, :, :2].float()  # (B, L, 2, H, D)
+    x1, x2 = qk[..., :half], qk[..., half:]
+    rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return torch.cat([rotated.to(qkv.dtype), qkv[:, :, 2:]], dim=2)  # (B, L, 3, H, D)
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN modulation ``x * (1 + scale) + shift``; x (B, L, D), shift/scale (B, 1, D).
+
+    Computed in float32 (at least): in bf16, ``1 + scale`` would round scale to steps of
+    2^-7; the released model's fused kernel kept it in float32 too.
+    """
+    return x * (1 + scale.float()) + shift.float()
+
+
+def gated_residual(x: Tensor, gate: Tensor, h: Tensor) -> Tensor:
+    """Residual update ``x + gate * h`` with the product in float32 (at least).
+
+    Args:
+        x: (B, L, D) residual stream (float32 after the first layer norm).
+        gate: (B, 1, D) adaLN gate.
+        h: (B, L, D) branch output (bf16 under autocast).
+    """
+    return x + gate.float() * h.float()
+
+
+class LayerNorm(nn.Module):
+    """Layer norm with a weight and no bias, always computed in float32.
+
+    ``y = (x - mean(x)) / sqrt(var(x) + 1e-5) * weight`` over the last dimension, with
+    autocast disabled for the normalisation; the output is float32 (or wider).
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (B, L, D) -> (B, L, D)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = F.layer_norm(x.float(), [self.dim])
+        return x * self.weight[None, None, :]
+
+
+class TokenEmbedding(nn.Module):
+    """Token embedding table ``embedding`` (V, D), looked up by indexing."""
+
+    def __init__(self, vocab_size: int, dim: int) -> None:
+        super().__init__()
+        self.embedding = nn.Parameter(torch.empty(vocab_size, dim))
+        nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
+
+    def forward(self, indices: Tensor) -> Tensor:
+        """indices (B, L) long -> (B, L, D)."""
+        return self.embedding[indices]
+
+
+class TimestepEmbedder(nn.Module):
+    """Embed the noise level: sinusoidal features of sigma through Linear-SiLU-Linear.
+
+    ``f_j = exp(-log(10000) j / 128)`` for ``j < 128``; features
+    ``[cos(sigma f), sin(sigma f)]`` (256,) -> ``mlp`` -> (cond_dim,).
+    """
+
+    def __init__(self, cond_dim: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(FREQUENCY_EMBEDDING_SIZE, cond_dim),
+            nn.SiLU(),
+            nn.Linear(cond_dim, cond_dim),
+        )
+
+    @staticmethod
+    def sinusoidal_features(sigma: Tensor) -> Tensor:
+        """sigma (B,) -> (B, 256) float32 features ``[cos(sigma f), sin(sigma f)]``."""
+        half = FREQUENCY_EMBEDDING_SIZE // 2
+        steps = torch.arange(half, dtype=torch.float32, device=sigma.device)  # (half,)
+        freqs = torch.exp(-math.log(MAX_PERIOD) * steps / half)  # (half,)
+        args = sigma[:, None].float() * freqs[None]  # (B, half)
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 256)
+
+    def forward(self, sigma: Tensor) -> Tensor:
+        """sigma (B,) -> (B, cond_dim)."""
+        return self.mlp(self.sinusoidal_features(sigma))
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-modulated, gated residual branches.
+
+    With ``(shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp)`` = chunks of
+    ``adaLN_modulation(c)``:
+    ``h = modulate(norm1(x), shift_msa, scale_msa)``,
+    ``x = x + gate_msa * dropout(attn_out(attention(rotary(attn_qkv(h)))))``,
+    ``x = x + gate_mlp * dropout(mlp(modulate(norm2(x), shift_mlp, scale_mlp)))``.
+    ``adaLN_modulation`` is zero-initialised, so every block starts as the identity.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        cond_dim: int,
+        mlp_ratio: int = 4,
+        dropout: float = 0.1,
+        causal: bool = False,
+    ) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.causal = causal
+        self.norm1 = LayerNorm(dim)
+        self.attn_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.attn_out = nn.Linear(dim, dim, bias=False)
+        self.norm2 = LayerNorm(dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, mlp_ratio * dim),
+            nn.GELU(approximate='tanh'),
+            nn.Linear(mlp_ratio * dim, dim),
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.adaLN_modulation = nn.Linear(cond_dim, 6 * dim)
+        nn.init.zeros_(self.adaLN_modulation.weight)
+        nn.init.zeros_(self.adaLN_modulation.bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, c: Tensor) -> Tensor:
+        """x (B, L, D), cos/sin (L, D_head/2), c (B, cond_dim) -> (B, L, D)."""
+        batch, length, dim = x.shape
+        modulation = self.adaLN_modulation(c)[:, None]  # (B, 1, 6D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=2)
+
+        h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, L, D)
+        qkv = self.attn_qkv(h).view(batch, length, 3, self.n_heads, dim // self.n_heads)
+        qkv = apply_rotary(qkv, cos, sin)  # (B, L, 3, H, D_head)
+        h = attention(qkv, self.causal)  # (B, L, D)
+        x = gated_residual(x, gate_msa, self.dropout(self.attn_out(h)))  # (B, L, D)
+
+        h = modulate(self.norm2(x), shift_mlp, scale_mlp)  # (B, L, D)
+        return gated_residual(x, gate_mlp, self.dropout(self.mlp(h)))  # (B, L, D)
+
+
+class FinalLayer(nn.Module):
+    """Output head ``linear(modulate(norm_final(x), shift, scale))``, (shift, scale) from c.
+
+    Both ``adaLN_modulation`` and ``linear`` are zero-initialised: logits start at 0.
+    """
+
+    def __init__(self, dim: int, out_dim: int, cond_dim: int) -> None:
+        super().__init__()
+        self.norm_final = LayerNorm(dim)
+        self.linear = nn.Linear(dim, out_dim)
+        self.adaLN_modulation = nn.Linear(cond_dim, 2 * dim)
+        for layer in (self.linear, self.adaLN_modulation):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        """x (B, L, D), c (B, cond_dim) -> (B, L, out_dim)."""
+        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)  # each (B, 1, D)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+# --------------------------------------------------------------------------- model
+
+
+class DiT(nn.Module):
+    """MDLM's DiT denoiser: ``(indices (B, L), sigma (B,)) -> logits (B, L, vocab_size)``.
+
+    ``c = SiLU(sigma_map(sigma))`` conditions every block and the output layer.
+
+    Args:
+        vocab_size: number of token ids, mask token included.
+        hidden_size: model width D.
+        cond_dim: width of the noise-level embedding c.
+        n_blocks: number of transformer blocks.
+        n_heads: attention heads; ``hidden_size / n_heads`` must be even.
+        dropout: dropout on both residual branches of every block.
+        mlp_ratio: MLP hidden width as a multiple of D.
+        causal: causal attention (autoregressive baseline) instead of bidirectional.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        cond_dim: int,
+        n_blocks: int,
+        n_heads: int,
+        dropout: float = 0.1,
+        mlp_ratio: int = 4,
+        causal: bool = False,
+    ) -> None:
+        super().__init__()
+        sizes = {'vocab_size': vocab_size, 'hidden_size': hidden_size, 'cond_dim': cond_dim,
+                 'n_blocks': n_blocks, 'n_heads': n_heads, 'mlp_ratio': mlp_ratio}
+        for name, value in sizes.items():
+            if value <= 0:
+                raise ValueError(f'{name} must be positive, got {value}')
+        if hidden_size % n_heads != 0:
+            raise ValueError(
+                f'hidden_size ({hidden_size}) must be divisible by n_heads ({n_heads})')
+        head_dim = hidden_size // n_heads
+        if head_dim % 2 != 0:
+            raise ValueError(
+                f'head dimension hidden_size / n_heads = {head_dim} must be even for rotary')
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f'dropout must be in [0, 1), got {dropout}')
+
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.n_heads = n_heads
+        self.causal = causal
+        self.vocab_embed = TokenEmbedding(vocab_size, hidden_size)
+        self.sigma_map = TimestepEmbedder(cond_dim)
+        self.rotary_emb = Rotary(head_dim)
+        self.blocks = nn.ModuleList(
+            DiTBlock(hidden_size, n_heads, cond_dim, mlp_ratio, dropout, causal)
+            for _ in range(n_blocks)
+        )
+        self.output_layer = FinalLayer(hidden_size, vocab_size, cond_dim)
+
+    def forward(self, indices: Tensor, sigma: Tensor) -> Tensor:
+        """indices (B, L) long, sigma (B,) float -> logits (B, L, vocab_size)."""
+        if indices.ndim != 2:
+            raise ValueError(f'indices must be (B, L), got shape {tuple(indices.shape)}')
+        if sigma.shape != indices.shape[:1]:
+            raise ValueError(
+                f'sigma must be (B,) = ({indices.shape[0]},), got shape {tuple(sigma.shape)}')
+        x = self.vocab_embed(indices)  # (B, L, D)
+        c = F.silu(self.sigma_map(sigma))  # (B, cond_dim)
+        cos, sin = self.rotary_emb(indices.shape[1], x.device)  # each (L, D_head/2)
+        for block in self.blocks:
+            x = block(x, cos, sin, c)  # (B, L, D)
+        return self.output_layer(x, c)  # (B, L, V)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Creates .venv (once) and installs requirements.txt into it (again only when it changes).
+# Source it: `source scripts/setup.sh`. Needs Python >= 3.10 with pip.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${MDLM_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$PYTHON" -m venv "$VENV" 2>/dev/null || {
+    echo "[setup] 'python3 -m venv' is unavailable (Debian/Ubuntu: apt install python3-venv); using virtualenv"
+    "$PYTHON" -m pip install --user -q virtualenv && "$PYTHON" -m virtualenv -q "$VENV"
+  }
+fi
+STAMP="$VENV/.requirements.sha256"
+WANT="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+  echo "[setup] installing requirements.txt into $VENV (first time: a few minutes)"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements.txt"
+  echo "$WANT" > "$STAMP"
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+cd "$ROOT"

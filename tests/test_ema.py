@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from models.ema import ExponentialMovingAverage
+
+
+def test_update_formula_with_warmup() -> None:
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = ExponentialMovingAverage([p], decay=0.9999)
+    expected = torch.zeros(3)
+    for n in range(1, 6):
+        with torch.no_grad():
+            p.add_(1.0)
+        ema.update([p])
+        d = min(0.9999, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * p.detach()
+    torch.testing.assert_close(ema.shadow_params[0], expected)
+
+
+def test_store_copy_restore_roundtrip() -> None:
+    layer = torch.nn.Linear(3, 2)
+    ema = ExponentialMovingAverage(layer.parameters(), decay=0.5, use_num_updates=False)
+    original = [p.detach().clone() for p in layer.parameters()]
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(2.0)
+    ema.update(layer.parameters())
+    trained = [p.detach().clone() for p in layer.parameters()]
+    ema.store(layer.parameters())
+    ema.copy_to(layer.parameters())
+    for p, o in zip(layer.parameters(), original):
+        torch.testing.assert_close(p.detach(), o + 1.0)
+    ema.restore(layer.parameters())
+    for p, t in zip(layer.parameters(), trained):
+        torch.testing.assert_close(p.detach(), t)
+
+
+def test_state_dict_roundtrip_and_mismatch() -> None:
+    layer = torch.nn.Linear(3, 2)
+    ema = ExponentialMovingAverage(layer.parameters(), decay=0.9)
+    ema.update(layer.parameters())
+    state = ema.state_dict()
+    assert set(state) == {"decay", "num_updates", "shadow_params", "collected_params"}
+    other = ExponentialMovingAverage(torch.nn.Linear(3, 2).parameters(), decay=0.1)
+    other.load_state_dict(state)
+    assert other.num_updates == 1 and other.decay == 0.9
+    for a, b in zip(other.shadow_params, ema.shadow_params):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="different model|shape"):
+        ExponentialMovingAverage(torch.nn.Linear(4, 2).parameters(), 0.9).load_state_dict(state)
