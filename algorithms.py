@@ -9,7 +9,7 @@ including the mask token; ``m`` the mask index.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

@@ -7,7 +7,8 @@ this module only orchestrates training, validation and sampling.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import lightning as L
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 from algorithms import MDLM
 from metrics import NLLMetric
 from models.ema import ExponentialMovingAverage
-from samplers import Sampler, SampleOutput
+from samplers import SampleOutput, Sampler
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]

@@ -10,8 +10,9 @@ import functools
 import json
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import hydra
 import lightning as L
@@ -179,8 +180,9 @@ def report_likelihood(results: dict[str, float], title: str) -> None:
     print(f"\n{title}: {int(results['num_tokens']):,} tokens")
     print(f"  NLL bound  {nll:.4f} ± {err:.4f} nats/token   BPD {results['bpd']:.4f}   PPL {results['ppl']:.3f}")
     if "true_nll" in results:
-        print(f"  true NLL   {results['true_nll']:.4f} nats/token            (exact -log p of the same tokens under the source)")
-        print(f"  gap        {results['gap']:.4f} ± {results['gap_stderr']:.4f} nats/token   (bound - truth; >= 0 up to Monte-Carlo error)")
+        truth, gap, gap_err = results["true_nll"], results["gap"], results["gap_stderr"]
+        print(f"  true NLL   {truth:.4f} nats/token            (exact -log p of the same tokens under the source)")
+        print(f"  gap        {gap:.4f} ± {gap_err:.4f} nats/token   (bound - truth; >= 0 up to Monte-Carlo error)")
     print()
 
 
@@ -230,7 +232,8 @@ def generate_samples(
 
 def print_samples(records: list[dict[str, Any]], limit: int) -> None:
     for r in records[:limit]:
-        print(f"--- sample (seed {r['seed']}, #{r['index_in_batch']}, {r['sampler']}, {r['steps']} steps, NFE {r['nfe']})")
+        where = f"seed {r['seed']}, #{r['index_in_batch']}"
+        print(f"--- sample ({where}, {r['sampler']}, {r['steps']} steps, NFE {r['nfe']})")
         print(r["text"])
     if records:
         seconds = sum(r["seconds"] for r in records) / len(records)
@@ -238,7 +241,7 @@ def print_samples(records: list[dict[str, Any]], limit: int) -> None:
         scored = [r["true_nll_per_token"] for r in records if "true_nll_per_token" in r]
         if scored:
             mean = sum(scored) / len(scored)
-            print(f"--- true NLL of the samples under the source: {mean:.4f} nats/token (inf = not a valid sentence stream)")
+            print(f"--- true NLL of the samples under the source: {mean:.4f} nats/token (inf: some are impossible)")
 
 
 # --------------------------------------------------------------------------- modes
@@ -282,7 +285,8 @@ def sample_eval(cfg: DictConfig, run_dir: Path) -> None:
     data, vocab_size, mask_index = build_data(cfg)
     module = load_for_eval(cfg, vocab_size, mask_index)
     _, devices = utils.resolve_accelerator(cfg.trainer.accelerator, cfg.trainer.devices)
-    eval_plan = utils.plan_batches(cfg.loader.eval_global_batch_size, devices * cfg.trainer.num_nodes, cfg.loader.eval_batch_size)
+    world_size = devices * cfg.trainer.num_nodes
+    eval_plan = utils.plan_batches(cfg.loader.eval_global_batch_size, world_size, cfg.loader.eval_batch_size)
     records = generate_samples(cfg, module, data, mask_index, cfg.sampling.num_sample_batches, eval_plan.per_device)
     path = run_dir / "samples.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)

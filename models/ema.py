@@ -6,7 +6,8 @@ The state dict has the original MDLM layout (``decay``, ``num_updates``, ``shado
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -49,7 +50,7 @@ class ExponentialMovingAverage:
     @torch.no_grad()
     def copy_to(self, parameters: Iterable[nn.Parameter]) -> None:
         """Write the averaged weights into ``parameters``."""
-        for s, p in zip(self.shadow_params, self._trainable(parameters)):
+        for s, p in zip(self.shadow_params, self._trainable(parameters), strict=True):
             p.copy_(s)
 
     @torch.no_grad()
@@ -61,7 +62,7 @@ class ExponentialMovingAverage:
     def restore(self, parameters: Iterable[nn.Parameter]) -> None:
         if not self.collected_params:
             raise RuntimeError("EMA.restore() called without a matching store().")
-        for c, p in zip(self.collected_params, self._trainable(parameters)):
+        for c, p in zip(self.collected_params, self._trainable(parameters), strict=True):
             p.copy_(c)
         self.collected_params = []
 
@@ -80,10 +81,12 @@ class ExponentialMovingAverage:
                 f"EMA state has {len(shadow)} tensors, the model has {len(self.shadow_params)}: "
                 "the checkpoint was made with a different model."
             )
-        for mine, theirs in zip(self.shadow_params, shadow):
+        for mine, theirs in zip(self.shadow_params, shadow, strict=True):
             if mine.shape != theirs.shape:
                 raise ValueError(f"EMA tensor shape {tuple(theirs.shape)} != model's {tuple(mine.shape)}.")
         self.decay = float(state["decay"])
         self.num_updates = state["num_updates"]
-        self.shadow_params = [t.detach().clone().to(mine.device) for t, mine in zip(shadow, self.shadow_params)]
+        self.shadow_params = [
+            t.detach().clone().to(mine.device) for t, mine in zip(shadow, self.shadow_params, strict=True)
+        ]
         self.collected_params = list(state.get("collected_params") or [])

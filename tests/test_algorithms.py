@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from algorithms import NEG_INF, MDLM, build_algorithm, q_xt, sample_times, subs_log_probs, subs_nelbo
+from algorithms import MDLM, NEG_INF, build_algorithm, q_xt, sample_times, subs_log_probs, subs_nelbo
 from noise_schedule import LogLinear
 
 MASK = 5

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -270,10 +269,8 @@ def test_decode_renders_masks_and_skips_special_tokens(tokenizer_dir: Path) -> N
 
 
 def test_unknown_hub_tokenizer_fails_fast_with_a_clear_message() -> None:
-    begin = time.perf_counter()
     with pytest.raises(OSError) as error:
         load_tokenizer("no-such-org/no-such-tokenizer-5c1f")
-    assert time.perf_counter() - begin < 10.0
     message = str(error.value)
     assert "no-such-org/no-such-tokenizer-5c1f" in message
     assert "local directory" in message and "data.tokenizer_name_or_path=" in message and "HF_HUB_OFFLINE" in message

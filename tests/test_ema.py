@@ -28,10 +28,10 @@ def test_store_copy_restore_roundtrip() -> None:
     trained = [p.detach().clone() for p in layer.parameters()]
     ema.store(layer.parameters())
     ema.copy_to(layer.parameters())
-    for p, o in zip(layer.parameters(), original):
+    for p, o in zip(layer.parameters(), original, strict=True):
         torch.testing.assert_close(p.detach(), o + 1.0)
     ema.restore(layer.parameters())
-    for p, t in zip(layer.parameters(), trained):
+    for p, t in zip(layer.parameters(), trained, strict=True):
         torch.testing.assert_close(p.detach(), t)
 
 
@@ -44,7 +44,7 @@ def test_state_dict_roundtrip_and_mismatch() -> None:
     other = ExponentialMovingAverage(torch.nn.Linear(3, 2).parameters(), decay=0.1)
     other.load_state_dict(state)
     assert other.num_updates == 1 and other.decay == 0.9
-    for a, b in zip(other.shadow_params, ema.shadow_params):
+    for a, b in zip(other.shadow_params, ema.shadow_params, strict=True):
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="different model|shape"):
         ExponentialMovingAverage(torch.nn.Linear(4, 2).parameters(), 0.9).load_state_dict(state)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT
 
 TINY = [
@@ -68,7 +67,8 @@ def test_train_writes_checkpoints_metrics_and_report(trained) -> None:
 
 def test_ppl_eval_writes_results(trained, tmp_path: Path) -> None:
     run_dir, _ = trained
-    proc = run_main(tmp_path, "mode=ppl_eval", f"eval.checkpoint_path={run_dir}/checkpoints/last.ckpt", "wandb.mode=disabled")
+    checkpoint = f"eval.checkpoint_path={run_dir}/checkpoints/last.ckpt"
+    proc = run_main(tmp_path, "mode=ppl_eval", checkpoint, "wandb.mode=disabled")
     results = json.loads((tmp_path / "eval_results.json").read_text())
     for key in ("nll", "bpd", "ppl", "num_tokens", "true_nll", "nll_stderr"):
         assert key in results
