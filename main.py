@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -153,12 +154,17 @@ def load_for_eval(cfg: DictConfig, vocab_size: int, mask_index: int) -> Diffusio
     saved = checkpoint.get("config")
     if saved is not None:
         length = cfg.model.length
+        length_given = any(o.startswith("model.length=") for o in HydraConfig.get().overrides.task)
         with open_dict(cfg):
             for key in ARCHITECTURE_KEYS:
                 if key in saved:
                     cfg[key] = saved[key]
-            cfg.model.length = length
-        print(f"Architecture from the checkpoint: model={cfg.model.name}, parameterization={cfg.parameterization}.")
+            if length_given:
+                cfg.model.length = length
+        print(
+            f"Architecture from the checkpoint: model={cfg.model.name}, parameterization={cfg.parameterization}, "
+            f"length {cfg.model.length}{' (from the command line)' if length_given else ''}."
+        )
     ckpt_vocab = checkpoint["state_dict"]["backbone.vocab_embed.embedding"].shape[0]
     if ckpt_vocab != vocab_size:
         raise ValueError(
@@ -239,9 +245,13 @@ def print_samples(records: list[dict[str, Any]], limit: int) -> None:
         seconds = sum(r["seconds"] for r in records) / len(records)
         print(f"--- {len(records)} samples, {seconds:.3f} s/sample, NFE {records[0]['nfe']}")
         scored = [r["true_nll_per_token"] for r in records if "true_nll_per_token" in r]
+        possible = [v for v in scored if math.isfinite(v)]
         if scored:
-            mean = sum(scored) / len(scored)
-            print(f"--- true NLL of the samples under the source: {mean:.4f} nats/token (inf: some are impossible)")
+            mean = f"{sum(possible) / len(possible):.4f} nats/token" if possible else "n/a"
+            print(
+                f"--- {len(possible)}/{len(scored)} samples are possible under the source (the rest contain a word "
+                f"pair or a BOS/EOS placement it never produces); their true NLL: {mean}"
+            )
 
 
 # --------------------------------------------------------------------------- modes
@@ -262,9 +272,16 @@ def train(cfg: DictConfig, run_dir: Path) -> None:
     trainer.fit(module, train_loader, valid_loader, ckpt_path=str(ckpt_path) if resume else None)
     trainer.validate(module, valid_loader, verbose=False)
     report_likelihood(module.last_val, "Final validation (EMA weights)")
-    if trainer.is_global_zero and cfg.sampling.num_sample_log > 0:
+    if not trainer.is_global_zero:
+        return
+    if cfg.sampling.num_sample_log > 0:
         records = generate_samples(cfg, module, data, mask_index, 1, cfg.sampling.num_sample_log)
         print_samples(records, cfg.sampling.num_sample_log)
+    experiment = HydraConfig.get().runtime.choices.get("experiment")
+    prefix = f"python main.py{f' experiment={experiment}' if experiment else ''}"
+    print(f"\nRun directory: {run_dir} (checkpoints/, csv/metrics.csv, config_train.yaml)")
+    print(f"Evaluate:  {prefix} mode=ppl_eval eval.checkpoint_path={ckpt_path}")
+    print(f"Sample:    {prefix} mode=sample_eval eval.checkpoint_path={ckpt_path}")
 
 
 def ppl_eval(cfg: DictConfig, run_dir: Path) -> None:

@@ -163,9 +163,14 @@ class Sampler(abc.ABC):
               generator: torch.Generator | None) -> Tensor:
         """One ancestral step from time t to s < t.
 
-        For masked positions, sample ``q(v) ∝ p(v) (m_t - m_s)`` over real tokens and
-        ``q(mask) ∝ m_s``; copy the others. Noise is drawn only for masked positions, in
-        row-major order, so two samplers on the same trajectory consume the same numbers.
+        For a masked position the reverse step is ``q(v) ∝ p(v) (m_t - m_s)`` over real tokens
+        and ``q(mask) ∝ m_s``, normalised by ``m_t`` (SUBS: p gives the mask probability 0).
+        It is drawn in two stages with the same law: the position unmasks with probability
+        ``(m_t - m_s) / m_t``, which does not depend on the model, and only the unmasking
+        positions draw a token from ``p``. With ``steps >> L`` few positions unmask per
+        step, so this avoids a float64 draw over (masked positions x V) on every step.
+        Noise is drawn in row-major order, so two samplers on the same trajectory consume
+        the same numbers.
 
         Args:
             log_p: (B, L, V) log p_theta(x_0 | x_t).
@@ -173,17 +178,21 @@ class Sampler(abc.ABC):
             t, s: 0-dim float64 times.
 
         Returns:
-            (B, L) long, the state at time s (``x`` itself when nothing is masked).
+            (B, L) long, the state at time s (``x`` itself when nothing changes).
         """
         masked = x == self.mask_index  # (B, L)
         if not masked.any():
             return x
         m_t = self.noise.move_chance(t).to(torch.float64)
         m_s = self.noise.move_chance(s).to(torch.float64)
-        probs = log_p[masked].to(torch.float64).exp_().mul_(m_t - m_s)  # (N, V), N masked
-        probs[:, self.mask_index] = m_s
+        u = torch.rand(x.shape, dtype=torch.float64, device=x.device, generator=generator)  # (B, L)
+        unmask = masked & (u * m_t < m_t - m_s)  # P = (m_t - m_s) / m_t, without dividing
+        if not unmask.any():
+            return x
+        probs = log_p[unmask].to(torch.float64).exp_()  # (N, V), N unmasking positions
+        probs[:, self.mask_index] = 0.0
         x_s = x.clone()
-        x_s[masked] = sample_categorical(probs, generator)
+        x_s[unmask] = sample_categorical(probs, generator)
         return x_s
 
     def _remove_noise(self, log_p: Tensor, x: Tensor) -> Tensor:

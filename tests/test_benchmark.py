@@ -1,0 +1,29 @@
+"""bench/benchmark.py --quick runs end to end on CPU and reports both tables (no timing checks)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+TRAIN_HEADER = ("## Training throughput", "model", "params (non-embedding, M)", "batch x length",
+                "tokens/s", "ms/step", "peak RSS")
+SAMPLE_HEADER = ("## Sampling", "predictor", "steps", "NFE", "s/sample", "speed-up vs ddpm")
+
+
+def test_quick_benchmark_writes_both_tables(tmp_path: Path) -> None:
+    out = tmp_path / "b.md"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "bench/benchmark.py", "--quick", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+    for text in (proc.stdout, out.read_text()):
+        for column in (*TRAIN_HEADER, *SAMPLE_HEADER, "flash-attn", "torch"):
+            assert column in text
+        assert "| micro |" in text  # the one training row
+        rows = [line for line in text.splitlines() if line.startswith("| ddpm")]
+        assert len(rows) == 4  # (ddpm, ddpm_cache) x steps (4, 8)
