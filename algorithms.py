@@ -52,6 +52,12 @@ def q_xt(x0: Tensor, move_chance: Tensor, mask_index: int, generator: torch.Gene
     return torch.where(u < move_chance, torch.full_like(x0, mask_index), x0)
 
 
+def zero_mask_logit(logits: Tensor, mask_index: int) -> Tensor:
+    """Float32 copy of ``logits`` (B, L, V) with the mask logit set to NEG_INF (never predicted)."""
+    is_mask_column = torch.arange(logits.shape[-1], device=logits.device) == mask_index  # (V,)
+    return logits.float().masked_fill(is_mask_column, NEG_INF)
+
+
 def subs_log_probs(logits: Tensor, xt: Tensor, mask_index: int) -> Tensor:
     """SUBS parameterization of log p_theta(x0 | xt), in float32. (B, L, V) -> (B, L, V).
 
@@ -59,11 +65,7 @@ def subs_log_probs(logits: Tensor, xt: Tensor, mask_index: int) -> Tensor:
     2. Carry-over unmasking: where xt is not the mask, the output is a one-hot on xt
        (log-prob 0 on xt, NEG_INF elsewhere).
     """
-    logits = logits.float()
-    vocab = logits.shape[-1]
-    is_mask_column = torch.arange(vocab, device=logits.device) == mask_index  # (V,)
-    logits = logits.masked_fill(is_mask_column, NEG_INF)
-    log_probs = logits.log_softmax(dim=-1)                                       # (B, L, V)
+    log_probs = zero_mask_logit(logits, mask_index).log_softmax(dim=-1)         # (B, L, V)
     carry = torch.full_like(log_probs, NEG_INF).scatter_(-1, xt[..., None], 0.0)
     unmasked = (xt != mask_index)[..., None]                                     # (B, L, 1)
     return torch.where(unmasked, carry, log_probs)
@@ -79,10 +81,7 @@ def subs_nelbo(logits: Tensor, x0: Tensor, xt: Tensor, mask_index: int, weight: 
     Only the log-probability of the true token is needed, so the full carry-over tensor
     of :func:`subs_log_probs` is never built here.
     """
-    logits = logits.float()
-    vocab = logits.shape[-1]
-    is_mask_column = torch.arange(vocab, device=logits.device) == mask_index
-    logits = logits.masked_fill(is_mask_column, NEG_INF)
+    logits = zero_mask_logit(logits, mask_index)
     log_p_x0 = logits.gather(-1, x0[..., None]).squeeze(-1) - logits.logsumexp(-1)  # (B, L)
     masked = (xt == mask_index).to(log_p_x0.dtype)
     return -log_p_x0 * masked * weight[:, None]

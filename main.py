@@ -82,7 +82,8 @@ def build_module(cfg: DictConfig, vocab_size: int, mask_index: int) -> Diffusion
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
-    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="csv", version="")]
+    # A new csv/version_N/ per run, so a resumed or evaluation run never overwrites earlier metrics.
+    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="csv")]
     valid = ("offline", "online", "disabled")
     if cfg.wandb.mode not in valid:
         raise ValueError(f"wandb.mode={cfg.wandb.mode!r} is not one of {valid}.")
@@ -279,7 +280,7 @@ def train(cfg: DictConfig, run_dir: Path) -> None:
         print_samples(records, cfg.sampling.num_sample_log)
     experiment = HydraConfig.get().runtime.choices.get("experiment")
     prefix = f"python main.py{f' experiment={experiment}' if experiment else ''}"
-    print(f"\nRun directory: {run_dir} (checkpoints/, csv/metrics.csv, config_train.yaml)")
+    print(f"\nRun directory: {run_dir} (checkpoints/, csv/version_*/metrics.csv, config_train.yaml)")
     print(f"Evaluate:  {prefix} mode=ppl_eval eval.checkpoint_path={ckpt_path}")
     print(f"Sample:    {prefix} mode=sample_eval eval.checkpoint_path={ckpt_path}")
 
