@@ -275,20 +275,22 @@ class DDPMCacheSampler(Sampler):
         x = self._check_input(x)  # (B, L)
         times = self._time_grid(x.device)
         nfe = 0
-        cache: Tensor | None = None  # (B, L, V) denoiser output for the current x
+        cache: Tensor | None = None  # (B, L, V) denoiser output, valid for x unless stale
+        # A stale cache is overwritten rather than freed first: on CPU, freeing the large
+        # output before the next call makes that call markedly slower (page faults).
+        stale = True
         with self._progress(progress) as bar:
             for i in bar:
                 if not (x == self.mask_index).any():
                     break  # nothing left to generate; masks never reappear
-                if cache is None or self.time_conditioning:
+                if stale or self.time_conditioning:
                     cache = self._call(denoiser, x, times[i])
                     nfe += 1
                 x_s = self._step(cache, x, times[i], times[i + 1], generator)
-                if not torch.equal(x_s, x):
-                    cache = None
+                stale = not torch.equal(x_s, x)
                 x = x_s
         if self.noise_removal and (x == self.mask_index).any():
-            if cache is None or self.time_conditioning:
+            if stale or self.time_conditioning:
                 cache = self._call(denoiser, x, times[-1])
                 nfe += 1
             x = self._remove_noise(cache, x)
