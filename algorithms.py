@@ -20,6 +20,14 @@ from noise_schedule import NoiseSchedule
 # row is all -inf. -1e6 is exact in fp32 and bf16, but overflows fp16: train in bf16/fp32.
 NEG_INF = -1e6
 
+@dataclass
+class LossOutput:
+    """Per-token losses of a batch and the tokens they count (zeros elsewhere)."""
+
+    nll: Tensor   # (B, L') nats per scored token (L' = L, or L - 1 for next-token prediction)
+    mask: Tensor  # (B, L') 1 for scored tokens, 0 for padding / unscored
+
+
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # (xt (B, L), sigma (B,)) -> log p(x0 | xt) (B, L, V)
 
 
@@ -115,13 +123,14 @@ class MDLM(nn.Module):
         """What the backbone sees as its noise level: sigma, or 0 without time conditioning."""
         return sigma if self.time_conditioning else torch.zeros_like(sigma)
 
-    def loss(self, backbone: nn.Module, x0: Tensor) -> Tensor:
-        """Per-token NELBO (B, L) for one time sample per sequence."""
+    def loss(self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor) -> LossOutput:
+        """Per-token NELBO (B, L) for one time sample per sequence; padding scores 0."""
         t = sample_times(x0.shape[0], self.sampling_eps, self.antithetic_sampling, x0.device)
         level = self.noise(t)                                                     # (B,)
         xt = q_xt(x0, level.move_chance[:, None], self.mask_index)
         logits = backbone(xt, self.conditioning(level.sigma))                    # (B, L, V)
-        return subs_nelbo(logits, x0, xt, self.mask_index, level.nelbo_weight)
+        nll = subs_nelbo(logits, x0, xt, self.mask_index, level.nelbo_weight)
+        return LossOutput(nll=nll * attention_mask, mask=attention_mask)
 
     def denoiser(self, backbone: nn.Module) -> Denoiser:
         """``(xt, sigma) -> log p_theta(x0 | xt)`` for the samplers."""

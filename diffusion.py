@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from algorithms import MDLM
+from algorithms import MDLM, LossOutput
 from metrics import NLLMetric
 from models.ema import ExponentialMovingAverage
 from samplers import SampleOutput, Sampler
@@ -94,13 +94,12 @@ class Diffusion(L.LightningModule):
             self.ema.load_state_dict(checkpoint["ema"])
 
     # ----------------------------------------------------------------- training
-    def _token_nll(self, batch: dict[str, Tensor]) -> Tensor:
-        """Per-token NELBO (B, L), zero where attention_mask is 0."""
-        nll = self.algorithm.loss(self.backbone, batch["input_ids"])
-        return nll * batch["attention_mask"]
+    def _loss(self, batch: dict[str, Tensor]) -> LossOutput:
+        return self.algorithm.loss(self.backbone, batch["input_ids"], batch["attention_mask"])
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = self._token_nll(batch).sum() / batch["attention_mask"].sum()
+        out = self._loss(batch)
+        loss = out.nll.sum() / out.mask.sum()
         # Logged lazily: Lightning reads the value only every `log_every_n_steps`.
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
@@ -118,8 +117,8 @@ class Diffusion(L.LightningModule):
         self._ema_context.__enter__()
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        nll = self._token_nll(batch)
-        self.val_metric.update(nll.sum(-1), batch["attention_mask"].sum(-1), batch.get("true_nll"))
+        out = self._loss(batch)
+        self.val_metric.update(out.nll.sum(-1), out.mask.sum(-1), batch.get("true_nll"))
 
     def on_validation_epoch_end(self) -> None:
         results = {k: float(v) for k, v in self.val_metric.compute().items()}

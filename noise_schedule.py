@@ -63,6 +63,14 @@ class NoiseSchedule(nn.Module, abc.ABC):
         """Masking probability ``1 - alpha_t`` at time t."""
         return -torch.expm1(-self.total_noise(t))
 
+    @abc.abstractmethod
+    def inverse_move_chance(self, move_chance: Tensor) -> Tensor:
+        """The time t at which the masking probability ``1 - alpha_t`` equals ``move_chance``.
+
+        Used by importance sampling and the change of variables, which draw the masking
+        probability (uniformly in its logarithm) and need the matching time.
+        """
+
 
 class LogLinear(NoiseSchedule):
     """MDLM's default: alpha_t = 1 - (1 - eps) t, i.e. a masking probability linear in t.
@@ -85,3 +93,6 @@ class LogLinear(NoiseSchedule):
 
     def move_chance(self, t: Tensor) -> Tensor:
         return (1 - self.eps) * t
+
+    def inverse_move_chance(self, move_chance: Tensor) -> Tensor:
+        return move_chance / (1 - self.eps)

@@ -105,7 +105,7 @@ class ConstantBackbone(torch.nn.Module):
 def test_time_conditioning_flag(time_conditioning: bool) -> None:
     backbone = ConstantBackbone(torch.zeros(1, 1, VOCAB))
     algo = MDLM(LogLinear(), MASK, time_conditioning=time_conditioning)
-    algo.loss(backbone, torch.zeros(8, 4, dtype=torch.long))
+    algo.loss(backbone, torch.zeros(8, 4, dtype=torch.long), torch.ones(8, 4))
     assert torch.all(backbone.seen_sigma > 0) == time_conditioning
     assert torch.all(backbone.seen_sigma == 0) != time_conditioning
 
@@ -116,7 +116,7 @@ def test_uniform_denoiser_bound_is_log_vocab() -> None:
     torch.manual_seed(0)
     algo = MDLM(LogLinear(eps=1e-3), MASK, sampling_eps=1e-3)
     x0 = torch.randint(0, MASK, (4096, 32))
-    nll = algo.loss(ConstantBackbone(torch.zeros(1, 1, VOCAB)), x0)
+    nll = algo.loss(ConstantBackbone(torch.zeros(1, 1, VOCAB)), x0, torch.ones_like(x0)).nll
     assert abs(float(nll.mean()) - math.log(5)) < 0.02
 
 

@@ -49,7 +49,8 @@ def bound_minus_truth(context: bool, repeats: int = 24) -> tuple[float, float]:
     truth = torch.stack([valid[i]["true_nll"] for i in range(len(valid))])       # (N,) nats
     algo = MDLM(LogLinear(eps=1e-3), mask_index, sampling_eps=1e-3)
     backbone = OracleBackbone(data, vocab_size, mask_index, context=context)
-    gaps = torch.cat([algo.loss(backbone, x0).double().sum(-1) - truth for _ in range(repeats)])
+    ones = torch.ones_like(x0)
+    gaps = torch.cat([algo.loss(backbone, x0, ones).nll.double().sum(-1) - truth for _ in range(repeats)])
     gaps = gaps / x0.shape[1]
     return float(gaps.mean()), float(gaps.std() / math.sqrt(len(gaps)))
 

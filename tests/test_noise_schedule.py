@@ -43,3 +43,9 @@ def test_nelbo_weight_is_one_over_t_for_loglinear() -> None:
 def test_eps_validated() -> None:
     with pytest.raises(ValueError, match="noise.eps"):
         LogLinear(eps=0.0)
+
+
+def test_loglinear_inverse_move_chance() -> None:
+    noise = LogLinear()
+    t = torch.linspace(0, 1, 11, dtype=torch.float64)
+    torch.testing.assert_close(noise.inverse_move_chance(noise.move_chance(t)), t)
