@@ -10,6 +10,7 @@ including the mask token; ``m`` the mask index.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn

@@ -124,6 +124,9 @@ class Cosine(NoiseSchedule):
             self.eps + (1 - self.eps) * cos
         )
 
+    def inverse_move_chance(self, move_chance: Tensor) -> Tensor:
+        return 2 / math.pi * torch.acos((1 - move_chance - self.eps) / (1 - self.eps))
+
 
 SCHEDULES = {"loglinear": LogLinear, "cosine": Cosine}
 
