@@ -31,8 +31,9 @@ from dataloader import decode, vocab_and_mask
 from diffusion import Diffusion
 from samplers import build_sampler
 
-# Config keys that define the network; for evaluation they come from the checkpoint.
-ARCHITECTURE_KEYS = ("model", "backbone", "noise", "parameterization", "time_conditioning", "T", "subs_masking")
+# Config keys that define the network; for evaluation they come from the checkpoint. (T is
+# not one: a continuous-time model can be evaluated with any discrete T.)
+ARCHITECTURE_KEYS = ("model", "backbone", "noise", "parameterization", "time_conditioning", "subs_masking")
 
 
 # --------------------------------------------------------------------------- building blocks
