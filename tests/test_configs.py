@@ -30,9 +30,17 @@ def test_root_config_composes(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("size", options("model"))
-def test_model_sizes_instantiate_a_dit(tmp_path: Path, size: str) -> None:
-    cfg = make_cfg(tmp_path, [f"model={size}"])
-    expected = {"micro": (128, 4, 4), "tiny": (512, 8, 8), "small": (768, 12, 12), "medium": (1024, 24, 16)}[size]
+def test_model_sizes_instantiate_a_backbone(tmp_path: Path, size: str) -> None:
+    backbone = "ar" if size.endswith("-ar") else "dit"
+    cfg = make_cfg(tmp_path, [f"model={size}", f"backbone={backbone}"])
+    expected = {
+        "micro": (128, 4, 4),
+        "tiny": (512, 8, 8),
+        "small": (768, 12, 12),
+        "medium": (1024, 24, 16),
+        "tiny-ar": (512, 8, 8),
+        "small-ar": (768, 12, 12),
+    }[size]
     assert (cfg.model.hidden_size, cfg.model.n_blocks, cfg.model.n_heads) == expected
     with torch.device("meta"):  # no memory for the big ones
         backbone = instantiate(cfg.backbone, vocab_size=50258)
