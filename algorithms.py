@@ -1,16 +1,31 @@
-"""The math of masked diffusion: forward process, SUBS parameterization, NELBO.
+"""The math of masked diffusion: forward process, parameterizations and their losses.
 
 Plain functions and one small class per parameterization; no Lightning here. The
-LightningModule in ``diffusion.py`` only wires these together.
+LightningModule in ``diffusion.py`` only wires these together. Every class takes the same
+constructor keywords (so ``main.py`` builds any of them from the config) and rejects the
+options it does not support with a ``ValueError`` that says what to do:
+
+=========  ===========================================================  =================
+name       loss                                                         samplers
+=========  ===========================================================  =================
+``subs``   MDLM: SUBS NELBO, continuous time or discrete ``T``          ddpm, ddpm_cache
+``d3pm``   absorbing-state D3PM: ``T`` x per-step KL + reconstruction   ddpm, ddpm_cache
+``sedd``   SEDD: score entropy, continuous time                         analytic
+``ar``     next-token cross-entropy                                     the AR sampler
+=========  ===========================================================  =================
 
 Notation: ``x0`` clean tokens (B, L); ``xt`` noised tokens (B, L); ``V`` vocabulary size
-including the mask token; ``m`` the mask index.
+including the mask token; ``m`` the mask index; ``alpha_t = exp(-sigma(t))`` the probability
+that a token is still clean and ``m_t = 1 - alpha_t`` its masking probability.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar, NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +36,7 @@ from noise_schedule import NoiseSchedule
 # row is all -inf. -1e6 is exact in fp32 and bf16, but overflows fp16: train in bf16/fp32.
 NEG_INF = -1e6
 
+
 @dataclass
 class LossOutput:
     """Per-token losses of a batch and the tokens they count (zeros elsewhere)."""
@@ -29,9 +45,12 @@ class LossOutput:
     mask: Tensor  # (B, L') 1 for scored tokens, 0 for padding / unscored
 
 
-Denoiser = Callable[[Tensor, Tensor], Tensor]  # (xt (B, L), sigma (B,)) -> log p(x0 | xt) (B, L, V)
+Denoiser = Callable[[Tensor, Tensor], Tensor]
+"""``(xt (B, L), sigma (B,)) -> (B, L, V)``: log p_theta(x0 | xt) for ``subs`` and ``d3pm``,
+the log score log p_t(y) / p_t(xt) for ``sedd``."""
 
 
+# --------------------------------------------------------------------------- times, forward process
 def sample_times(
     n: int,
     sampling_eps: float,
@@ -52,6 +71,18 @@ def sample_times(
     return (1 - sampling_eps) * u + sampling_eps
 
 
+def discrete_times(u: Tensor, T: int) -> Tensor:
+    """Snap ``u`` in [0, 1) to the grid {1/T, 2/T, ..., 1}: ``t = (floor(u T) + 1) / T``. (n,).
+
+    The same snapping as the original, applied to ``u`` itself: every step k = 1..T then has
+    probability exactly 1/T. (Snapping ``t = (1 - sampling_eps) u + sampling_eps`` instead
+    would under-sample the last step, t = 1/T, and skip it entirely when
+    ``sampling_eps >= 1/T``, e.g. with the defaults 1e-3 and T = 1000.)
+    """
+    k = (u * T).floor().clamp(0, T - 1)
+    return (k + 1) / T
+
+
 def q_xt(x0: Tensor, move_chance: Tensor, mask_index: int, generator: torch.Generator | None = None) -> Tensor:
     """Forward process: each token is replaced by the mask with probability ``move_chance``.
 
@@ -61,6 +92,12 @@ def q_xt(x0: Tensor, move_chance: Tensor, mask_index: int, generator: torch.Gene
     return torch.where(u < move_chance, torch.full_like(x0, mask_index), x0)
 
 
+def log_expm1(sigma: Tensor) -> Tensor:
+    """``log(e^sigma - 1)`` for sigma > 0, accurate for small and large sigma (no overflow)."""
+    return sigma + torch.log(-torch.expm1(-sigma))
+
+
+# --------------------------------------------------------------------------- SUBS (MDLM)
 def zero_mask_logit(logits: Tensor, mask_index: int) -> Tensor:
     """Float32 copy of ``logits`` (B, L, V) with the mask logit set to NEG_INF (never predicted)."""
     is_mask_column = torch.arange(logits.shape[-1], device=logits.device) == mask_index  # (V,)
@@ -81,11 +118,13 @@ def subs_log_probs(logits: Tensor, xt: Tensor, mask_index: int) -> Tensor:
 
 
 def subs_nelbo(logits: Tensor, x0: Tensor, xt: Tensor, mask_index: int, weight: Tensor) -> Tensor:
-    """Per-token continuous-time NELBO of MDLM with the SUBS parameterization. (B, L).
+    """Per-token NELBO of MDLM with the SUBS parameterization. (B, L).
 
-    loss_i = -log p_theta(x0_i | xt) * dsigma / expm1(sigma)   if xt_i is masked,
-             0                                                 otherwise
-    (carry-over makes log p = 0 on unmasked tokens). ``weight``: (B,) = dsigma / expm1(sigma).
+    loss_i = -log p_theta(x0_i | xt) * weight   if xt_i is masked,
+             0                                  otherwise
+    (carry-over makes log p = 0 on unmasked tokens). ``weight`` (B,) is
+    ``dsigma / expm1(sigma) = -alpha'_t / (1 - alpha_t)`` in continuous time and
+    :func:`subs_discrete_weight` in discrete time.
 
     Only the log-probability of the true token is needed, so the full carry-over tensor
     of :func:`subs_log_probs` is never built here.
@@ -96,12 +135,155 @@ def subs_nelbo(logits: Tensor, x0: Tensor, xt: Tensor, mask_index: int, weight: 
     return -log_p_x0 * masked * weight[:, None]
 
 
-class MDLM(nn.Module):
-    """Masked diffusion with the SUBS parameterization in continuous time (Sahoo et al. 2024).
+def subs_discrete_weight(move_chance_t: Tensor, move_chance_s: Tensor, T: int) -> Tensor:
+    """Discrete-time SUBS weight ``T (alpha_s - alpha_t) / (1 - alpha_t) = T (m_t - m_s) / m_t``. (B,).
 
-    Holds the noise schedule and the training options; ``loss`` gives the per-token NELBO
-    of a batch and ``denoiser`` turns a backbone into the callable samplers use.
+    For a masked x_t the posterior is q(x_s = x0 | x_t, x0) = (alpha_s - alpha_t) / (1 - alpha_t),
+    q(x_s = m | x_t, x0) = (1 - alpha_s) / (1 - alpha_t), and SUBS gives p_theta(x_s | x_t) the
+    same form with x0 replaced by p_theta(x0 | x_t) (zero mass on the mask). The per-step KL
+    is then (alpha_s - alpha_t) / (1 - alpha_t) * -log p_theta(x0 | x_t); unmasked tokens are
+    copied by both and contribute 0. As T -> inf, T (m_t - m_s) -> m'_t and the weight tends to
+    the continuous ``-alpha'_t / (1 - alpha_t)``.
     """
+    return T * (move_chance_t - move_chance_s) / move_chance_t
+
+
+# --------------------------------------------------------------------------- D3PM
+def d3pm_log_probs(logits: Tensor, mask_index: int, subs_masking: bool) -> Tensor:
+    """D3PM's log p_theta(x0 | xt): a log-softmax of the logits, in float32. (B, L, V).
+
+    No carry-over. With ``subs_masking`` the mask logit is set to NEG_INF first; without it
+    the model may put mass on the mask token.
+    """
+    logits = zero_mask_logit(logits, mask_index) if subs_masking else logits.float()
+    return logits.log_softmax(dim=-1)
+
+
+def d3pm_kl(log_p: Tensor, x0: Tensor, xt: Tensor, move_chance_t: Tensor, move_chance_s: Tensor,
+            mask_index: int) -> Tensor:
+    """Per-step KL(q(x_s | x_t, x0) || p_theta(x_s | x_t)) of absorbing-state D3PM, s < t. (B, L).
+
+    The model's reverse step is D3PM's (Austin et al. 2021, eq. 4),
+    ``p_theta(x_s | x_t) ∝ sum_x0 q(x_t | x_s) q(x_s | x0) p_theta(x0 | x_t)``, the same as the
+    original's ``_d3pm_loss``. With ``a = alpha``, ``m = 1 - alpha``, ``p_m = p_theta(mask | x_t)``
+    and ``p_0 = p_theta(x0 | x_t)``, for a masked x_t:
+
+        p(x_s = v) = (a_s - a_t) p_v / (m_t + a_t p_m),   p(x_s = mask) = (m_s + a_s p_m) / (m_t + a_t p_m)
+        q(x_s = x0) = (a_s - a_t) / m_t,                  q(x_s = mask) = m_s / m_t
+        KL = log(1 + a_t p_m / m_t) - q(x_s = x0) log p_0 - (m_s / m_t) log(1 + a_s p_m / m_s).
+
+    For an unmasked x_t, q(x_t | x_s) is zero unless x_s = x_t, so both distributions are a
+    point mass on x_t and the KL is 0. When p_m = 0 (``subs_masking``) this is the SUBS loss of
+    :func:`subs_discrete_weight` (divided by T) on masked tokens.
+
+    Args:
+        log_p: (B, L, V) log p_theta(x0 | x_t), e.g. from :func:`d3pm_log_probs`.
+        x0, xt: (B, L) long.
+        move_chance_t, move_chance_s: (B,) m_t > 0 and m_s >= 0, best in float64.
+    """
+    m_t, m_s = move_chance_t.double(), move_chance_s.double()
+    a_t, a_s = 1 - m_t, 1 - m_s
+
+    def coef(c: Tensor) -> Tensor:  # (B,) float64 -> (B, 1) in the dtype of log_p
+        return c.to(log_p.dtype)[:, None]
+
+    # a_s / m_s is only needed where m_s > 0 (at m_s = 0 its coefficient m_s / m_t is 0).
+    big = torch.finfo(log_p.dtype).max
+    a_s_over_m_s = torch.where(m_s > 0, a_s / m_s.clamp_min(torch.finfo(torch.float64).tiny), 0).clamp_max(big)
+    p_mask = log_p[..., mask_index].exp()                                        # (B, L)
+    log_p_x0 = log_p.gather(-1, x0[..., None]).squeeze(-1)                        # (B, L)
+    kl = (
+        torch.log1p(coef(a_t / m_t) * p_mask)
+        - coef((m_t - m_s) / m_t) * log_p_x0
+        - coef(m_s / m_t) * torch.log1p(coef(a_s_over_m_s) * p_mask)
+    )
+    return kl * (xt == mask_index).to(kl.dtype)
+
+
+# --------------------------------------------------------------------------- SEDD
+def sedd_log_score(logits: Tensor, xt: Tensor, sigma: Tensor) -> Tensor:
+    """SEDD parameterization of the log score ``log p_t(y) / p_t(x_t)``, in float32. (B, L, V).
+
+    ``y`` is x_t with position i changed to token v. With ``V`` the full vocabulary (mask
+    included, as the original's ``logits.shape[-1]``):
+
+        log s(x_t)_{i, v} = logits_{i, v} - log(e^sigma - 1) - log(V - 1),   log s_{i, xt_i} = 0.
+
+    Why: for a masked x_t^i the true ratio is p(x0^i = v | visible tokens) * alpha / (1 - alpha)
+    = p(v | ...) / (e^sigma - 1), so the logits play the role of log p(v | ...) up to a
+    constant; ``-log(V - 1)`` (V - 1 = number of real tokens) makes zero logits a uniform
+    guess. The current token's own entry is not a transition and is set to 0.
+
+    Args:
+        logits: (B, L, V) network output.
+        xt: (B, L) long.
+        sigma: (B,) total noise sigma(t) > 0 (the true one, whatever the network is fed).
+    """
+    offset = log_expm1(sigma.float())[:, None, None] + math.log(logits.shape[-1] - 1)  # (B, 1, 1)
+    log_score = logits.float() - offset
+    return log_score.scatter(-1, xt[..., None], 0.0)
+
+
+def score_entropy(log_score: Tensor, x0: Tensor, xt: Tensor, sigma: Tensor, mask_index: int) -> Tensor:
+    """SEDD's denoising score entropy per position, without the ``dsigma`` factor. (B, L).
+
+    For a masked x_t^i the forward process gives the target ratios q_t(v | x0) / q_t(mask | x0)
+    = r [v = x0^i] with ``r = alpha / (1 - alpha) = 1 / expm1(sigma)``, and
+
+        SE = sum_{v != mask} s_v - r log s_{x0} + K(r),   K(a) = a (log a - 1),
+
+    where ``s = exp(log_score)``. K makes SE >= 0, with equality exactly at the target
+    (s_{x0} = r, s_v = 0 otherwise). It is computed in the equivalent form
+    ``sum_{v not in {mask, x0}} s_v + r (e^d - d - 1)`` with ``d = log s_{x0} - log r``, which
+    avoids the cancellation of terms of size r log r. Unmasked positions score 0.
+
+    Args:
+        log_score: (B, L, V), e.g. from :func:`sedd_log_score`.
+        x0, xt: (B, L) long.
+        sigma: (B,) total noise sigma(t) > 0.
+    """
+    masked = xt == mask_index                                                     # (B, L)
+    log_r = -log_expm1(sigma.float())[:, None].expand_as(xt)[masked]              # (N,)
+    ls = log_score[masked].float()                                                # (N, V)
+    target = x0[masked][:, None]                                                  # (N, 1)
+    d = ls.gather(-1, target).squeeze(-1) - log_r                                 # (N,)
+    others = ls.scatter(-1, target, -torch.inf)
+    others[:, mask_index] = -torch.inf
+    entropy = others.logsumexp(-1).exp() + log_r.exp() * (torch.expm1(d) - d)   # (N,)
+    out = torch.zeros(xt.shape, dtype=entropy.dtype, device=xt.device)
+    return out.masked_scatter(masked, entropy)
+
+
+# --------------------------------------------------------------------------- AR
+def ar_nll(logits: Tensor, targets: Tensor, mask_index: int) -> Tensor:
+    """Next-token NLL ``-log softmax(logits)[target]`` with the mask token never predicted. (B, L').
+
+    logits: (B, L', V); targets: (B, L') long.
+    """
+    logits = zero_mask_logit(logits, mask_index)
+    return logits.logsumexp(-1) - logits.gather(-1, targets[..., None]).squeeze(-1)
+
+
+# --------------------------------------------------------------------------- algorithms
+class Algorithm(nn.Module):
+    """Shared constructor and option checks of the parameterizations.
+
+    Args:
+        noise: the noise schedule.
+        mask_index: id of the mask token.
+        sampling_eps: continuous times are drawn in ``[sampling_eps, 1]``.
+        antithetic_sampling: one time per stratum of the batch (see :func:`sample_times`).
+        time_conditioning: feed sigma (or the change-of-variables time) to the network;
+            otherwise it sees 0.
+        T: number of discrete diffusion steps; 0 = continuous time.
+        subs_masking: D3PM only: zero probability on the mask token.
+        importance_sampling: draw the masking probability log-uniformly (subs, T = 0).
+        change_of_variables: the same draw, and condition the network on the uniform
+            variable instead of sigma (subs, T = 0, time_conditioning).
+    """
+
+    parameterization: ClassVar[str]
+    samplers: ClassVar[tuple[str, ...]]  # names in samplers.SAMPLERS that fit ``denoiser``
 
     def __init__(
         self,
@@ -110,27 +292,135 @@ class MDLM(nn.Module):
         sampling_eps: float = 1e-3,
         antithetic_sampling: bool = True,
         time_conditioning: bool = False,
+        T: int = 0,
+        subs_masking: bool = False,
+        importance_sampling: bool = False,
+        change_of_variables: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= sampling_eps < 1.0:
             raise ValueError(f"training.sampling_eps must be in [0, 1), got {sampling_eps}.")
+        if isinstance(T, bool) or not isinstance(T, numbers.Integral) or T < 0:
+            raise ValueError(f"T must be an integer >= 0 (0 = continuous time), got {T!r}.")
         self.noise = noise
         self.mask_index = mask_index
         self.sampling_eps = sampling_eps
         self.antithetic_sampling = antithetic_sampling
         self.time_conditioning = time_conditioning
+        self.T = int(T)
+        self.subs_masking = subs_masking
+        self.importance_sampling = importance_sampling
+        self.change_of_variables = change_of_variables
+        self.check_options()
+
+    def check_options(self) -> None:
+        """Raise a ValueError for every option this parameterization does not support."""
+
+    def reject(self, option: str, fix: str) -> NoReturn:
+        """Raise the ValueError of an unsupported option, naming it, the parameterization and the fix."""
+        value = getattr(self, option)
+        raise ValueError(f"{option}={value!r} is not supported by parameterization={self.parameterization!r}: {fix}")
 
     def conditioning(self, sigma: Tensor) -> Tensor:
         """What the backbone sees as its noise level: sigma, or 0 without time conditioning."""
         return sigma if self.time_conditioning else torch.zeros_like(sigma)
 
+    def step_move_chances(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Masking probabilities (m_t, m_s), float64 (B,), at grid times t = k/T and s = t - 1/T."""
+        k = torch.round(t.double() * self.T)  # exact integers: t came from discrete_times
+        return self.noise.move_chance(k / self.T), self.noise.move_chance((k - 1) / self.T)
+
+
+class MDLM(Algorithm):
+    """Masked diffusion with the SUBS parameterization (Sahoo et al. 2024).
+
+    Continuous time (``T = 0``): per masked token ``-log p_theta(x0 | xt) * dsigma / expm1(sigma)``.
+    Discrete time (``T > 0``): t uniform on {1/T, ..., 1}, per masked token
+    ``T (alpha_s - alpha_t) / (1 - alpha_t) * -log p_theta(x0 | xt)`` with s = t - 1/T
+    (T times the per-step KL; see :func:`subs_discrete_weight`); no reconstruction term,
+    since carry-over makes it 0.
+
+    Importance sampling (``T = 0``): with ``f0 = log m(sampling_eps)`` and ``f1 = log m(1)``,
+    draw ``u ~ U[0, 1)``, ``m = exp(f0 + u (f1 - f0))``, ``t = m^{-1}(m)``. The density of t is
+    ``(d log m / dt) / (f1 - f0)`` and the continuous weight is
+    ``-alpha' / (1 - alpha) = m' / m = d log m / dt``, so the per-masked-token weight becomes the
+    constant ``f1 - f0``: an exact estimator of the integral over [sampling_eps, 1] (the
+    original approximated f1 by 0). ``change_of_variables`` uses the same draw and feeds the
+    network u instead of sigma.
+    """
+
+    parameterization = "subs"
+    samplers = ("ddpm", "ddpm_cache")
+
+    def check_options(self) -> None:
+        if self.subs_masking:
+            self.reject("subs_masking", "SUBS always gives the mask token zero probability; subs_masking "
+                        "only applies to parameterization='d3pm'. Remove it.")
+        for option in ("importance_sampling", "change_of_variables"):
+            if getattr(self, option) and self.T > 0:
+                self.reject(option, f"it is a continuous-time estimator; set T=0 or {option}=false.")
+        if self.importance_sampling and self.change_of_variables:
+            self.reject("change_of_variables", "it already implies the log-uniform draw of importance "
+                        "sampling; set only one of importance_sampling / change_of_variables.")
+        if self.change_of_variables and not self.time_conditioning:
+            self.reject("change_of_variables", "it only changes what the network is conditioned on, and "
+                        "without time conditioning the network sees 0; set time_conditioning=true, or use "
+                        "importance_sampling=true instead.")
+        if (self.importance_sampling or self.change_of_variables) and not self.log_move_chance_range()[0].isfinite():
+            option = "importance_sampling" if self.importance_sampling else "change_of_variables"
+            self.reject(option, f"log m(sampling_eps) must be finite; set sampling_eps > 0 "
+                        f"(got {self.sampling_eps}, where this schedule's masking probability is 0).")
+
+    @property
+    def log_uniform(self) -> bool:
+        """Whether times are drawn log-uniformly in the masking probability."""
+        return self.importance_sampling or self.change_of_variables
+
+    def log_move_chance_range(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+        """``(f0, f1) = (log m(sampling_eps), log m(1))``, 0-dim float64."""
+        t = torch.tensor([self.sampling_eps, 1.0], dtype=torch.float64, device=device)
+        f = self.noise.move_chance(t).log()
+        return f[0], f[1]
+
+    def conditioning(self, sigma: Tensor) -> Tensor:
+        """sigma; 0 without time conditioning; ``u = (log m - f0) / (f1 - f0)`` with the change of variables."""
+        if not self.time_conditioning:
+            return torch.zeros_like(sigma)
+        if self.change_of_variables:
+            f0, f1 = self.log_move_chance_range(sigma.device)
+            log_m = torch.log(-torch.expm1(-sigma.double()))
+            return ((log_m - f0) / (f1 - f0)).to(sigma.dtype)
+        return sigma
+
+    def sample_t(self, n: int, device: torch.device | str = "cpu") -> Tensor:
+        """Times (n,) for a batch: continuous, snapped to the T grid, or log-uniform in m."""
+        if self.T > 0:
+            return discrete_times(sample_times(n, 0.0, self.antithetic_sampling, device), self.T)
+        if self.log_uniform:
+            u = sample_times(n, 0.0, self.antithetic_sampling, device).double()
+            f0, f1 = self.log_move_chance_range(device)
+            t = self.noise.inverse_move_chance(torch.exp(f0 + u * (f1 - f0)))
+            return t.clamp(self.sampling_eps, 1.0).float()
+        return sample_times(n, self.sampling_eps, self.antithetic_sampling, device)
+
+    def diffusion_nll(self, backbone: nn.Module, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
+        """Per-token loss (B, L) at times t (B,) drawn by :meth:`sample_t`, for xt ~ q(xt | x0)."""
+        sigma = self.noise.total_noise(t)                                         # (B,)
+        logits = backbone(xt, self.conditioning(sigma))                          # (B, L, V)
+        if self.T > 0:
+            weight = subs_discrete_weight(*self.step_move_chances(t), self.T).float()
+        elif self.log_uniform:
+            f0, f1 = self.log_move_chance_range(t.device)
+            weight = (f1 - f0).float().expand(t.shape)
+        else:
+            weight = self.noise(t).nelbo_weight
+        return subs_nelbo(logits, x0, xt, self.mask_index, weight)
+
     def loss(self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor) -> LossOutput:
         """Per-token NELBO (B, L) for one time sample per sequence; padding scores 0."""
-        t = sample_times(x0.shape[0], self.sampling_eps, self.antithetic_sampling, x0.device)
-        level = self.noise(t)                                                     # (B,)
-        xt = q_xt(x0, level.move_chance[:, None], self.mask_index)
-        logits = backbone(xt, self.conditioning(level.sigma))                    # (B, L, V)
-        nll = subs_nelbo(logits, x0, xt, self.mask_index, level.nelbo_weight)
+        t = self.sample_t(x0.shape[0], x0.device)
+        xt = q_xt(x0, self.noise.move_chance(t)[:, None], self.mask_index)
+        nll = self.diffusion_nll(backbone, x0, xt, t)
         return LossOutput(nll=nll * attention_mask, mask=attention_mask)
 
     def denoiser(self, backbone: nn.Module) -> Denoiser:
@@ -142,10 +432,143 @@ class MDLM(nn.Module):
         return denoise
 
 
-ALGORITHMS: dict[str, type[nn.Module]] = {"subs": MDLM}
+class D3PM(Algorithm):
+    """Absorbing-state D3PM (Austin et al. 2021) in discrete time, as the paper's baseline.
+
+    t uniform on {1/T, ..., 1}, s = t - 1/T, alpha from the schedule. Per token:
+    ``T * KL(q(x_s | x_t, x0) || p_theta(x_s | x_t))`` (:func:`d3pm_kl`) plus the
+    reconstruction term ``-log p_theta(x0 | z_0)``, with z_0 ~ q(. | x0) at t = 0 (x0 itself
+    when m(0) = 0, as for loglinear) and the network conditioned on the schedule's sigma(0).
+    The prior term KL(q(x_1 | x0) || all-mask) is a constant of the schedule and left out.
+
+    ``denoiser`` gives the samplers p_theta(x0 | x_t, x0 != mask) with carry-over (their
+    contract); it is the model's exact reverse step when the model puts no mass on the mask
+    (``subs_masking=True``), an approximation otherwise.
+    """
+
+    parameterization = "d3pm"
+    samplers = ("ddpm", "ddpm_cache")
+
+    def check_options(self) -> None:
+        if self.T == 0:
+            self.reject("T", "D3PM is a discrete-time model; set T=1000 (the paper's setting).")
+        for option in ("importance_sampling", "change_of_variables"):
+            if getattr(self, option):
+                self.reject(option, "it applies only to the continuous-time subs loss; set it to false.")
+
+    def sample_t(self, n: int, device: torch.device | str = "cpu") -> Tensor:
+        """Grid times (n,) on {1/T, ..., 1}, uniform over the T steps."""
+        return discrete_times(sample_times(n, 0.0, self.antithetic_sampling, device), self.T)
+
+    def diffusion_nll(self, backbone: nn.Module, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
+        """``T * KL`` per token (B, L) at grid times t (B,), for xt ~ q(xt | x0)."""
+        logits = backbone(xt, self.conditioning(self.noise.total_noise(t)))      # (B, L, V)
+        log_p = d3pm_log_probs(logits, self.mask_index, self.subs_masking)
+        move_chance_t, move_chance_s = self.step_move_chances(t)
+        return self.T * d3pm_kl(log_p, x0, xt, move_chance_t, move_chance_s, self.mask_index)
+
+    def reconstruction_nll(self, backbone: nn.Module, x0: Tensor) -> Tensor:
+        """``-log p_theta(x0 | z_0)`` per token (B, L), z_0 ~ q(. | x0) at t = 0."""
+        level = self.noise(torch.zeros(x0.shape[0], device=x0.device))
+        z0 = q_xt(x0, level.move_chance[:, None], self.mask_index)
+        log_p = d3pm_log_probs(backbone(z0, self.conditioning(level.sigma)), self.mask_index, self.subs_masking)
+        return -log_p.gather(-1, x0[..., None]).squeeze(-1)
+
+    def loss(self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor) -> LossOutput:
+        """Per-token NELBO (B, L): diffusion term at one time per sequence plus reconstruction."""
+        t = self.sample_t(x0.shape[0], x0.device)
+        xt = q_xt(x0, self.noise.move_chance(t)[:, None], self.mask_index)
+        nll = self.diffusion_nll(backbone, x0, xt, t) + self.reconstruction_nll(backbone, x0)
+        return LossOutput(nll=nll * attention_mask, mask=attention_mask)
+
+    def denoiser(self, backbone: nn.Module) -> Denoiser:
+        """``(xt, sigma) -> log p_theta(x0 | xt)`` in the samplers' SUBS form (see the class docstring)."""
+
+        def denoise(xt: Tensor, sigma: Tensor) -> Tensor:
+            return subs_log_probs(backbone(xt, self.conditioning(sigma)), xt, self.mask_index)
+
+        return denoise
 
 
-def build_algorithm(parameterization: str, **kwargs: object) -> nn.Module:
+class SEDD(Algorithm):
+    """Score-entropy discrete diffusion (Lou et al. 2024) for the absorbing process.
+
+    Continuous time only. Per masked token ``dsigma * SE`` with the score of
+    :func:`sedd_log_score` and the score entropy of :func:`score_entropy`. The
+    parameterization uses the true sigma even without time conditioning (the original fed it
+    the zeroed sigma, which breaks log(e^sigma - 1)). ``denoiser`` returns log scores, for the
+    ``analytic`` sampler.
+    """
+
+    parameterization = "sedd"
+    samplers = ("analytic",)
+
+    def check_options(self) -> None:
+        if self.T > 0:
+            self.reject("T", "the score-entropy loss is continuous-time only; set T=0.")
+        for option in ("importance_sampling", "change_of_variables", "subs_masking"):
+            if getattr(self, option):
+                self.reject(option, "it applies only to the subs / d3pm parameterizations; set it to false.")
+
+    def sample_t(self, n: int, device: torch.device | str = "cpu") -> Tensor:
+        """Continuous times (n,) in [sampling_eps, 1]."""
+        return sample_times(n, self.sampling_eps, self.antithetic_sampling, device)
+
+    def diffusion_nll(self, backbone: nn.Module, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
+        """``dsigma * score entropy`` per token (B, L) at times t (B,), for xt ~ q(xt | x0)."""
+        level = self.noise(t)
+        log_score = sedd_log_score(backbone(xt, self.conditioning(level.sigma)), xt, level.sigma)
+        return level.dsigma.float()[:, None] * score_entropy(log_score, x0, xt, level.sigma, self.mask_index)
+
+    def loss(self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor) -> LossOutput:
+        """Per-token loss (B, L) for one time sample per sequence; padding scores 0."""
+        t = self.sample_t(x0.shape[0], x0.device)
+        xt = q_xt(x0, self.noise.move_chance(t)[:, None], self.mask_index)
+        nll = self.diffusion_nll(backbone, x0, xt, t)
+        return LossOutput(nll=nll * attention_mask, mask=attention_mask)
+
+    def denoiser(self, backbone: nn.Module) -> Denoiser:
+        """``(xt, sigma) -> log score (B, L, V)`` for the analytic sampler."""
+
+        def score(xt: Tensor, sigma: Tensor) -> Tensor:
+            return sedd_log_score(backbone(xt, self.conditioning(sigma)), xt, sigma)
+
+        return score
+
+
+class AR(Algorithm):
+    """Autoregressive baseline: next-token cross-entropy of a causal backbone.
+
+    ``logits = backbone(x0[:, :-1], None)`` predict ``x0[:, 1:]``; the mask logit is set to
+    NEG_INF (the vocabulary is shared with the diffusion models); scored tokens are
+    ``attention_mask[:, 1:]``. ``noise``, ``sampling_eps`` and ``antithetic_sampling`` are
+    accepted (the config always passes them) and unused.
+    """
+
+    parameterization = "ar"
+    samplers = ()
+
+    def check_options(self) -> None:
+        for option in ("T", "importance_sampling", "change_of_variables", "time_conditioning", "subs_masking"):
+            if getattr(self, option):
+                self.reject(option, "the AR baseline has no diffusion time or mask parameterization; "
+                            f"remove the {option} override.")
+
+    def loss(self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor) -> LossOutput:
+        """Per-token next-token NLL (B, L - 1); padding scores 0."""
+        logits = backbone(x0[:, :-1], None)                                        # (B, L - 1, V)
+        mask = attention_mask[:, 1:]
+        return LossOutput(nll=ar_nll(logits, x0[:, 1:], self.mask_index) * mask, mask=mask)
+
+    def denoiser(self, backbone: nn.Module) -> Denoiser:
+        raise ValueError("parameterization='ar' has no denoiser: AR models are sampled token by token "
+                         "with the AR sampler (samplers.ARSampler), not with a diffusion sampler.")
+
+
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.parameterization: cls for cls in (MDLM, D3PM, SEDD, AR)}
+
+
+def build_algorithm(parameterization: str, **kwargs: object) -> Algorithm:
     """The algorithm for ``parameterization``; an unknown name lists the valid ones."""
     if parameterization not in ALGORITHMS:
         raise ValueError(

@@ -14,10 +14,10 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from algorithms import MDLM, LossOutput
+from algorithms import Algorithm, LossOutput
 from metrics import NLLMetric
 from models.ema import ExponentialMovingAverage
-from samplers import SampleOutput, Sampler
+from samplers import ARSampler, SampleOutput, Sampler
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -28,7 +28,7 @@ class Diffusion(L.LightningModule):
 
     Args:
         backbone: ``(tokens (B, L), sigma (B,)) -> logits (B, L, V)``.
-        algorithm: the parameterization and loss (e.g. :class:`algorithms.MDLM`).
+        algorithm: the parameterization and its loss (:mod:`algorithms`).
         optimizer: builds the optimizer from the trainable parameters.
         lr_scheduler: builds a per-step LR scheduler from the optimizer, or None.
         ema_decay: EMA decay (0 disables EMA). EMA weights are used for validation and
@@ -39,7 +39,7 @@ class Diffusion(L.LightningModule):
     def __init__(
         self,
         backbone: nn.Module,
-        algorithm: MDLM,
+        algorithm: Algorithm,
         optimizer: OptimizerFactory,
         lr_scheduler: SchedulerFactory | None = None,
         ema_decay: float = 0.9999,
@@ -133,17 +133,23 @@ class Diffusion(L.LightningModule):
     @torch.no_grad()
     def generate(
         self,
-        sampler: Sampler,
+        sampler: Sampler | ARSampler,
         x: Tensor,
         generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> SampleOutput:
-        """Fill the masked positions of ``x`` (B, L) with the EMA weights in eval mode."""
+        """Fill the masked positions of ``x`` (B, L) with the EMA weights in eval mode.
+
+        Diffusion samplers get the algorithm's denoiser; the AR sampler drives the causal
+        backbone (and its KV cache) directly.
+        """
         was_training = self.training
         self.eval()
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else contextlib.nullcontext()
         try:
             with self.ema_weights(), autocast:
-                return sampler.sample(self.algorithm.denoiser(self.backbone), x, generator=generator, progress=progress)
+                ar = isinstance(sampler, ARSampler)
+                model = self.backbone if ar else self.algorithm.denoiser(self.backbone)
+                return sampler.sample(model, x, generator=generator, progress=progress)
         finally:
             self.train(was_training)

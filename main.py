@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader, Dataset
 
 import utils
 from algorithms import build_algorithm
-from dataloader import decode, vocab_and_mask
+from dataloader import block_special_ids, decode, vocab_and_mask
 from diffusion import Diffusion
-from samplers import build_sampler
+from samplers import ARSampler, Sampler, build_sampler
 
 # Config keys that define the network; for evaluation they come from the checkpoint. (T is
 # not one: a continuous-time model can be evaluated with any discrete T.)
@@ -40,10 +40,6 @@ ARCHITECTURE_KEYS = ("model", "backbone", "noise", "parameterization", "time_con
 def check_supported(cfg: DictConfig) -> None:
     """Reject options whose implementation has not landed yet, instead of ignoring them."""
     pending = {
-        "T": (cfg.T != 0, "discrete time (T > 0) is not implemented yet; use T=0 (continuous time)"),
-        "training.importance_sampling": (cfg.training.importance_sampling, "is not implemented yet for subs"),
-        "training.change_of_variables": (cfg.training.change_of_variables, "is not implemented yet for subs"),
-        "subs_masking": (cfg.subs_masking, "only applies to the d3pm parameterization, which is not implemented yet"),
         "sampling.semi_ar": (cfg.sampling.semi_ar, "semi-autoregressive sampling is not implemented yet"),
         "eval.compute_generative_perplexity": (
             cfg.eval.compute_generative_perplexity,
@@ -55,16 +51,41 @@ def check_supported(cfg: DictConfig) -> None:
             raise ValueError(f"{key}={OmegaConf.select(cfg, key)}: {reason}. Remove the override.")
 
 
+def validate_config(cfg: DictConfig) -> None:
+    """Reject invalid combinations before any data is loaded, naming the valid choices."""
+    check_supported(cfg)
+    backbone = HydraConfig.get().runtime.choices.get("backbone")
+    if (cfg.parameterization == "ar") != (backbone == "ar"):
+        raise ValueError(
+            f"parameterization={cfg.parameterization} with backbone={backbone}: the AR baseline needs "
+            "backbone=ar parameterization=ar (e.g. model=small-ar); diffusion parameterizations need a "
+            "bidirectional backbone (backbone=dit)."
+        )
+    algorithm = build_algorithm(cfg.parameterization, mask_index=0, **algorithm_options(cfg))
+    valid = getattr(algorithm, "samplers", ())
+    if cfg.parameterization != "ar" and cfg.sampling.predictor not in valid:
+        raise ValueError(
+            f"sampling.predictor={cfg.sampling.predictor} does not apply to parameterization={cfg.parameterization}; "
+            f"valid choices: {list(valid)}."
+        )
+
+
+def algorithm_options(cfg: DictConfig) -> dict[str, Any]:
+    return {
+        "noise": instantiate(cfg.noise),
+        "sampling_eps": cfg.training.sampling_eps,
+        "antithetic_sampling": cfg.training.antithetic_sampling,
+        "time_conditioning": cfg.time_conditioning,
+        "T": cfg.T,
+        "subs_masking": cfg.subs_masking,
+        "importance_sampling": cfg.training.importance_sampling,
+        "change_of_variables": cfg.training.change_of_variables,
+    }
+
+
 def build_module(cfg: DictConfig, vocab_size: int, mask_index: int) -> Diffusion:
     backbone = instantiate(cfg.backbone, vocab_size=vocab_size)
-    algorithm = build_algorithm(
-        cfg.parameterization,
-        noise=instantiate(cfg.noise),
-        mask_index=mask_index,
-        sampling_eps=cfg.training.sampling_eps,
-        antithetic_sampling=cfg.training.antithetic_sampling,
-        time_conditioning=cfg.time_conditioning,
-    )
+    algorithm = build_algorithm(cfg.parameterization, mask_index=mask_index, **algorithm_options(cfg))
     optimizer = functools.partial(
         torch.optim.AdamW,
         lr=cfg.optim.lr,
@@ -194,6 +215,17 @@ def report_likelihood(results: dict[str, float], title: str) -> None:
     print()
 
 
+def make_sampler(cfg: DictConfig, module: Diffusion, mask_index: int) -> Sampler | ARSampler:
+    """The sampler for this parameterization: ``sampling.predictor``, or the AR sampler for ``ar``."""
+    s = cfg.sampling
+    if cfg.parameterization == "ar":
+        return ARSampler(mask_index, temperature=s.temperature, top_p=s.top_p, use_cache=s.kv_cache)
+    options: dict[str, Any] = {"time_conditioning": cfg.time_conditioning} if s.predictor == "ddpm_cache" else {}
+    noise = module.algorithm.noise
+    return build_sampler(s.predictor, noise=noise, mask_index=mask_index, steps=s.steps, eps=s.eps,
+                         noise_removal=s.noise_removal, **options)
+
+
 def generate_samples(
     cfg: DictConfig, module: Diffusion, data: Any, mask_index: int, num_batches: int, batch_size: int
 ) -> list[dict[str, Any]]:
@@ -201,20 +233,15 @@ def generate_samples(
     accelerator, _ = utils.resolve_accelerator(cfg.trainer.accelerator, 1)
     device = torch.device("cuda" if accelerator == "cuda" else "cpu")
     module.to(device)
-    sampler = build_sampler(
-        cfg.sampling.predictor,
-        noise=module.algorithm.noise,
-        mask_index=mask_index,
-        steps=cfg.sampling.steps,
-        eps=cfg.sampling.eps,
-        noise_removal=cfg.sampling.noise_removal,
-        **({"time_conditioning": cfg.time_conditioning} if cfg.sampling.predictor == "ddpm_cache" else {}),
-    )
+    sampler = make_sampler(cfg, module, mask_index)
+    prefix_id = block_special_ids(data.tokenizer)[0]  # BOS, the AR sampler's given first token
     records = []
     for batch_index in range(num_batches):
         seed = cfg.seed * 1_000_003 + batch_index
         generator = torch.Generator(device).manual_seed(seed)
         x = torch.full((batch_size, cfg.model.length), mask_index, dtype=torch.long, device=device)
+        if isinstance(sampler, ARSampler):
+            x[:, 0] = prefix_id
         start = time.perf_counter()
         out = module.generate(sampler, x, generator=generator, progress=True)
         if device.type == "cuda":
@@ -326,7 +353,7 @@ MODES: dict[str, Callable[[DictConfig, Path], None]] = {
 def run(cfg: DictConfig) -> None:
     if cfg.mode not in MODES:
         raise ValueError(f"Unknown mode={cfg.mode!r}. Valid modes: {sorted(MODES)}.")
-    check_supported(cfg)
+    validate_config(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     L.seed_everything(cfg.seed, workers=True)

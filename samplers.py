@@ -17,6 +17,10 @@ the last step, positions still masked are optionally set to ``argmax p_theta(x_0
 Positions of the initial ``x`` that are not the mask token are kept as given, so the same
 call samples unconditionally (all-mask input) or fills in a prefix / infilling template.
 
+The ``analytic`` sampler (:class:`AnalyticSampler`, for SEDD) takes a score function
+``x_t, sigma -> log p_t(y) / p_t(x_t)`` in place of the denoiser; with the exact score its
+steps are the same exact reverse steps.
+
 New samplers subclass :class:`Sampler`, implement ``sample`` and get an entry in
 :data:`SAMPLERS` and a config file.
 """
@@ -297,9 +301,104 @@ class DDPMCacheSampler(Sampler):
         return SampleOutput(tokens=x, nfe=nfe)
 
 
+def staggered_score(score: Tensor, dsigma: Tensor, mask_index: int) -> Tensor:
+    """SEDD's staggered score for the absorbing process. (N, V) -> (N, V).
+
+    ``exp(-dsigma Q)`` applied to the score, for the absorbing generator Q (every real token
+    moves to the mask at rate 1): ``s'_v = e^{dsigma} s_v`` for every v, then
+    ``s'_mask += (1 - e^{dsigma}) sum_v s_v``.
+
+    Args:
+        score: (N, V) ratios p_t(y) / p_t(x), float64 for accuracy.
+        dsigma: 0-dim, the noise removed by the step.
+    """
+    out = score * dsigma.exp()
+    out[:, mask_index] -= torch.expm1(dsigma) * score.sum(-1)
+    return out
+
+
+def transposed_transition(x: Tensor, dsigma: Tensor, vocab_size: int, mask_index: int) -> Tensor:
+    """Forward transition probabilities *into* x over ``dsigma``: ``P(y -> x)`` for every y. (N,) -> (N, V).
+
+    ``P = exp(dsigma Q)``: a real token stays with probability ``e^{-dsigma}`` and becomes the
+    mask otherwise; the mask stays. So ``P(y -> x) = e^{-dsigma} [y = x] + (1 - e^{-dsigma}) [x = mask]``
+    (for x = mask the second term is added to every y, giving P(mask -> mask) = 1).
+    """
+    edge = torch.nn.functional.one_hot(x, vocab_size).to(dsigma.dtype) * torch.exp(-dsigma)  # (N, V)
+    return edge - torch.expm1(-dsigma) * (x == mask_index).to(dsigma.dtype)[:, None]
+
+
+class AnalyticSampler(Sampler):
+    """SEDD's "analytic" sampler (Tweedie tau-leaping, Lou et al. 2024) for the absorbing process.
+
+    It takes a score function ``score_fn(x_t (B, L), sigma (B,)) -> log p_t(y) / p_t(x_t)``
+    (B, L, V) (:meth:`algorithms.SEDD.denoiser`) instead of a denoiser. One step from t to
+    s < t with ``dsigma = sigma(t) - sigma(s)`` draws each position from
+
+        probs = staggered_score(s, dsigma) * transposed_transition(x_t, dsigma),
+
+    which for a masked position and a score with ``s_mask = 1`` is
+    ``probs_v = expm1(dsigma) s_v`` (real v) and ``probs_mask = 1 - expm1(dsigma) sum_v s_v``. With
+    the exact score ``s_v = p(x_0 = v | x_t) / expm1(sigma_t)`` this is the exact reverse step
+    ``(alpha_s - alpha_t) / (1 - alpha_t) p(v | x_t)``, the ancestral step of the other samplers.
+    Unmasked positions have ``probs = [y = x_t]`` whatever the score, so they are copied and only
+    masked positions are computed (in float64). A negative stay-masked mass, possible with an
+    inexact score, is clipped to 0.
+
+    After the last step, noise removal (if on) is the same update at ``t = eps`` with
+    ``dsigma = sigma(eps)``, i.e. down to sigma = 0, with the mask excluded: masked positions
+    are *sampled* from ``s_v expm1(sigma_eps)`` (= p(x_0 = v | x_t) for the exact score), not
+    set to the argmax. Stops early once nothing is masked.
+    """
+
+    name = "analytic"
+
+    @torch.no_grad()
+    def sample(
+        self,
+        denoiser: Denoiser,
+        x: Tensor,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> SampleOutput:
+        """Generate the masked positions of ``x`` (B, L); ``denoiser`` returns log scores."""
+        x = self._check_input(x)  # (B, L)
+        times = self._time_grid(x.device)
+        sigmas = self.noise.total_noise(times).to(torch.float64)  # (steps + 1,)
+        nfe = 0
+        with self._progress(progress) as bar:
+            for i in bar:
+                if not (x == self.mask_index).any():
+                    break  # nothing left to generate; masks never reappear
+                log_score = self._call(denoiser, x, times[i])  # (B, L, V)
+                nfe += 1
+                x = self._analytic_step(log_score, x, sigmas[i] - sigmas[i + 1], generator, final=False)
+        if self.noise_removal and (x == self.mask_index).any():
+            log_score = self._call(denoiser, x, times[-1])
+            nfe += 1
+            x = self._analytic_step(log_score, x, sigmas[-1], generator, final=True)
+        return SampleOutput(tokens=x, nfe=nfe)
+
+    def _analytic_step(self, log_score: Tensor, x: Tensor, dsigma: Tensor,
+                       generator: torch.Generator | None, final: bool) -> Tensor:
+        """One tau-leaping step of the masked positions of x (B, L); ``final`` excludes the mask."""
+        masked = x == self.mask_index  # (B, L)
+        if not masked.any():
+            return x
+        score = log_score[masked].to(torch.float64).exp()  # (N, V)
+        transition = transposed_transition(x[masked], dsigma, score.shape[-1], self.mask_index)
+        probs = staggered_score(score, dsigma, self.mask_index) * transition  # (N, V)
+        if final:
+            probs[:, self.mask_index] = 0.0
+        x = x.clone()
+        x[masked] = sample_categorical(probs.clamp_min_(0.0), generator)
+        return x
+
+
 SAMPLERS: dict[str, type[Sampler]] = {
     DDPMSampler.name: DDPMSampler,
     DDPMCacheSampler.name: DDPMCacheSampler,
+    AnalyticSampler.name: AnalyticSampler,
 }
 
 
@@ -310,3 +409,73 @@ def build_sampler(predictor: str, **kwargs: Any) -> Sampler:
             f"Unknown sampler {predictor!r}; valid names: {', '.join(sorted(SAMPLERS))}."
         )
     return SAMPLERS[predictor](**kwargs)
+
+
+class ARSampler:
+    """Left-to-right sampling for the AR baseline, with or without a KV cache.
+
+    Positions of ``x`` equal to the mask index must form a suffix of every row (a shared
+    prefix length); they are generated one token at a time. The next-token distribution is
+    ``softmax(logits / temperature)`` restricted to its top-p nucleus (the smallest set of
+    tokens whose probability reaches ``top_p``), drawn in float64 with
+    :func:`sample_categorical`. With ``use_cache`` the model runs on the new token only
+    (``model.new_cache`` / ``model.forward_step``); without, it reruns the whole prefix. Both
+    consume the same random numbers, so with the same generator they give the same tokens.
+
+    Args:
+        mask_index: id marking the positions to generate; it is never sampled.
+        temperature: > 0; 1 samples the model's distribution.
+        top_p: in (0, 1]; 1 disables nucleus truncation.
+        use_cache: reuse keys/values of the prefix (one token of compute per step).
+    """
+
+    name = "ar"
+
+    def __init__(self, mask_index: int, temperature: float = 1.0, top_p: float = 1.0, use_cache: bool = True) -> None:
+        if not temperature > 0:
+            raise ValueError(f"sampling.temperature must be > 0, got {temperature}.")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {top_p}.")
+        self.mask_index = int(mask_index)
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.use_cache = use_cache
+
+    def next_token_probs(self, logits: Tensor) -> Tensor:
+        """(B, V) logits -> (B, V) float64 probabilities after mask removal, temperature, top-p."""
+        logits = logits.to(torch.float64) / self.temperature
+        logits[:, self.mask_index] = -torch.inf
+        probs = logits.softmax(-1)
+        if self.top_p < 1.0:
+            sorted_probs, order = probs.sort(-1, descending=True)
+            mass_before = sorted_probs.cumsum(-1) - sorted_probs  # mass of strictly more likely tokens
+            sorted_probs = sorted_probs.masked_fill(mass_before >= self.top_p, 0.0)
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        return probs
+
+    @torch.no_grad()
+    def sample(
+        self, model: Any, x: Tensor, generator: torch.Generator | None = None, progress: bool = False
+    ) -> SampleOutput:
+        """Generate the masked suffix of ``x`` (B, L); ``model(tokens, None) -> logits``."""
+        if x.dim() != 2 or x.dtype != torch.long:
+            raise ValueError(f"x must be a (batch, length) long tensor, got {tuple(x.shape)} {x.dtype}.")
+        masked = x == self.mask_index
+        start = int((~masked).sum(-1).min())
+        if start == 0 or bool(masked[:, :start].any()) or not bool(masked[:, start:].all()):
+            raise ValueError(
+                "AR sampling needs a non-empty prefix of given tokens (e.g. BOS) followed only by "
+                "masked positions, with the same prefix length in every row."
+            )
+        x = x.clone()
+        length = x.shape[1]
+        cache = model.new_cache(x.shape[0], length, device=x.device) if self.use_cache else None
+        nfe = 0
+        for i in tqdm(range(start, length), desc="sampling (ar)", disable=not progress):
+            if cache is None:
+                logits = model(x[:, :i], None)[:, -1]                       # (B, V)
+            else:
+                logits = model.forward_step(x[:, cache.length : i], cache)[:, -1]
+            nfe += 1
+            x[:, i] = sample_categorical(self.next_token_probs(logits), generator)
+        return SampleOutput(tokens=x, nfe=nfe)

@@ -1,10 +1,27 @@
 import math
 
+import numpy as np
 import pytest
 import torch
+from scipy import stats
+from test_d3pm import TOY_MASK, CosineTest, expected_loss
+from torch import nn
 
-from algorithms import MDLM, NEG_INF, build_algorithm, q_xt, sample_times, subs_log_probs, subs_nelbo
+from algorithms import (
+    ALGORITHMS,
+    AR,
+    D3PM,
+    MDLM,
+    NEG_INF,
+    SEDD,
+    build_algorithm,
+    q_xt,
+    sample_times,
+    subs_log_probs,
+    subs_nelbo,
+)
 from noise_schedule import LogLinear
+from samplers import SAMPLERS
 
 MASK = 5
 VOCAB = 6  # 5 real tokens + mask
@@ -121,5 +138,177 @@ def test_uniform_denoiser_bound_is_log_vocab() -> None:
 
 
 def test_unknown_parameterization_lists_choices() -> None:
-    with pytest.raises(ValueError, match="Valid choices: \\['subs'\\]"):
+    with pytest.raises(ValueError, match=r"Valid choices: \['ar', 'd3pm', 'sedd', 'subs'\]"):
         build_algorithm("nope", noise=LogLinear(), mask_index=MASK)
+
+
+# ---- the registry and the options each parameterization accepts -------------------------
+
+CLASSES = {"subs": MDLM, "d3pm": D3PM, "sedd": SEDD, "ar": AR}
+BASE = {"subs": {}, "d3pm": {"T": 1000}, "sedd": {}, "ar": {}}  # a valid configuration of each
+# Each option alone on top of BASE: accepted (True) or rejected (False).
+SUPPORTED = {
+    "subs": {"T": True, "subs_masking": False, "importance_sampling": True, "change_of_variables": False,
+             "time_conditioning": True},
+    "d3pm": {"T": True, "subs_masking": True, "importance_sampling": False, "change_of_variables": False,
+             "time_conditioning": True},
+    "sedd": {"T": False, "subs_masking": False, "importance_sampling": False, "change_of_variables": False,
+             "time_conditioning": True},
+    "ar": {"T": False, "subs_masking": False, "importance_sampling": False, "change_of_variables": False,
+           "time_conditioning": False},
+}
+ON = {"T": 100, "subs_masking": True, "importance_sampling": True, "change_of_variables": True,
+      "time_conditioning": True}
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_build_every_algorithm(name: str) -> None:
+    algo = build_algorithm(name, noise=LogLinear(), mask_index=MASK, **BASE[name])
+    assert type(algo) is CLASSES[name] and ALGORITHMS[name] is CLASSES[name]
+    assert algo.parameterization == name
+    assert set(algo.samplers) <= set(SAMPLERS)
+
+
+@pytest.mark.parametrize("option", ON)
+@pytest.mark.parametrize("name", CLASSES)
+def test_each_option_is_accepted_or_rejected_by_name(name: str, option: str) -> None:
+    kwargs = {"noise": LogLinear(), "mask_index": MASK, **BASE[name], option: ON[option]}
+    if SUPPORTED[name][option]:
+        assert getattr(build_algorithm(name, **kwargs), option) == ON[option]
+    else:
+        with pytest.raises(ValueError, match=rf"{option}=.*parameterization='{name}'"):
+            build_algorithm(name, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,option",
+    [
+        ("subs", {"T": 10, "importance_sampling": True}, "importance_sampling"),
+        ("subs", {"T": 10, "change_of_variables": True, "time_conditioning": True}, "change_of_variables"),
+        ("subs", {"importance_sampling": True, "change_of_variables": True, "time_conditioning": True},
+         "change_of_variables"),
+        ("subs", {"importance_sampling": True, "sampling_eps": 0.0}, "importance_sampling"),
+        ("d3pm", {"T": 0}, "T"),
+        ("d3pm", {"T": 10, "importance_sampling": True}, "importance_sampling"),
+        ("ar", {"T": 10, "time_conditioning": True}, "T"),
+    ],
+)
+def test_invalid_combinations(name: str, kwargs: dict[str, object], option: str) -> None:
+    with pytest.raises(ValueError, match=rf"{option}=.*parameterization='{name}'.*: \w"):
+        build_algorithm(name, noise=LogLinear(), mask_index=MASK, **kwargs)
+
+
+@pytest.mark.parametrize("T", [-1, 2.5, True])
+def test_invalid_T(T: object) -> None:
+    with pytest.raises(ValueError, match="T must be an integer"):
+        MDLM(LogLinear(), MASK, T=T)
+
+
+def test_clear_messages() -> None:
+    with pytest.raises(ValueError, match="set T=1000"):
+        D3PM(LogLinear(), MASK)
+    with pytest.raises(ValueError, match="set time_conditioning=true"):
+        MDLM(LogLinear(), MASK, change_of_variables=True)
+    with pytest.raises(ValueError, match="AR sampler"):
+        AR(LogLinear(), MASK).denoiser(nn.Identity())
+
+
+# ---- AR ------------------------------------------------------------------------------------
+
+class RecordingBackbone(nn.Module):
+    """Returns fixed logits for the first x.shape[1] positions and records its inputs."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+        self.inputs: list[tuple[torch.Tensor, object]] = []
+
+    def forward(self, x: torch.Tensor, sigma: object) -> torch.Tensor:
+        self.inputs.append((x.clone(), sigma))
+        return self.logits[:, : x.shape[1]]
+
+
+def test_ar_loss_matches_slow_reference() -> None:
+    g = torch.Generator().manual_seed(0)
+    B, L = 3, 7
+    x0 = torch.randint(0, MASK, (B, L), generator=g)
+    attention = torch.ones(B, L)
+    attention[1, -2:] = 0
+    logits = torch.randn(B, L - 1, VOCAB, generator=g) * 2
+    backbone = RecordingBackbone(logits)
+    out = AR(LogLinear(), MASK).loss(backbone, x0, attention)
+    (seen, sigma), = backbone.inputs
+    assert torch.equal(seen, x0[:, :-1]) and sigma is None
+    assert torch.equal(out.mask, attention[:, 1:])
+    slow = torch.zeros(B, L - 1, dtype=torch.float64)
+    for b in range(B):
+        for i in range(L - 1):
+            row = [float(v) for v in logits[b, i]]
+            row[MASK] = NEG_INF  # the mask token is never predicted
+            log_z = math.log(sum(math.exp(v - max(row)) for v in row)) + max(row)
+            slow[b, i] = (log_z - row[int(x0[b, i + 1])]) * float(attention[b, i + 1])
+    torch.testing.assert_close(out.nll.double(), slow, rtol=1e-5, atol=1e-5)
+    assert out.nll[1, -2:].eq(0).all()
+
+
+# ---- importance sampling and the change of variables -------------------------------------
+
+def test_importance_sampling_draws_log_uniform_masking_probabilities() -> None:
+    eps = 1e-3
+    algo = MDLM(CosineTest(), MASK, sampling_eps=eps, importance_sampling=True, antithetic_sampling=False)
+    torch.manual_seed(0)
+    t = algo.sample_t(20_000).double()
+    f0, f1 = (math.log(float(CosineTest().move_chance(torch.tensor(x, dtype=torch.float64)))) for x in (eps, 1.0))
+    u = (CosineTest().move_chance(t).log() - f0) / (f1 - f0)
+    assert stats.kstest(u.numpy(), "uniform").pvalue > 1e-3
+    assert t.min() >= eps and t.max() <= 1
+    # Antithetic: one draw per stratum of u.
+    anti = MDLM(CosineTest(), MASK, importance_sampling=True).sample_t(64).double()
+    u = (CosineTest().move_chance(anti).log() - f0) / (f1 - f0)
+    assert torch.equal(torch.sort((u * 64).floor().long().clamp(0, 63)).values, torch.arange(64))
+
+
+@pytest.mark.parametrize("schedule", ["loglinear", "cosine"])
+def test_importance_sampling_is_an_exact_estimator(schedule: str) -> None:
+    """E[IS loss] equals the continuous integral over [sampling_eps, 1], to quadrature accuracy.
+
+    Both are computed exactly on the toy problem (exact denoiser, every x0 and mask pattern).
+    The original's weight -f0 (f1 taken as 0) is off by the factor -f0 / (f1 - f0).
+    """
+    noise = LogLinear() if schedule == "loglinear" else CosineTest()
+    eps = 1e-3
+    algo = MDLM(noise, TOY_MASK, sampling_eps=eps, importance_sampling=True)
+    f0, f1 = (float(f) for f in algo.log_move_chance_range())
+    x, w = np.polynomial.legendre.leggauss(40)
+    u = torch.tensor((x + 1) / 2)
+    t = noise.inverse_move_chance(torch.exp(f0 + u * (f1 - f0)))
+    estimator = float((torch.tensor(w) / 2 * expected_loss(algo, t)).sum())
+    # The integral over [eps, 1] of the continuous loss, exact by Gauss-Legendre in m.
+    m0, m1 = math.exp(f0), math.exp(f1)
+    x, w = np.polynomial.legendre.leggauss(8)
+    t = noise.inverse_move_chance(torch.tensor(m0 + (m1 - m0) * (x + 1) / 2))
+    level = noise(t)
+    integral = float((torch.tensor(w) * expected_loss(MDLM(noise, TOY_MASK), t) / (level.dsigma * level.alpha)).sum()
+                     * (m1 - m0) / 2)
+    assert abs(estimator / integral - 1) < 1e-6
+    assert abs(-f0 / (f1 - f0) - 1) > 1e-5  # the original's approximation would fail the check above
+
+
+def test_change_of_variables_conditions_on_u() -> None:
+    noise, eps = CosineTest(), 1e-3
+    algo = MDLM(noise, MASK, sampling_eps=eps, change_of_variables=True, time_conditioning=True)
+    backbone = ConstantBackbone(torch.zeros(1, 1, VOCAB))
+    torch.manual_seed(0)
+    x0 = torch.zeros(64, 4, dtype=torch.long)
+    out = algo.loss(backbone, x0, torch.ones_like(x0))
+    u = backbone.seen_sigma
+    assert u.min() >= 0 and u.max() <= 1 and u.max() - u.min() > 0.9  # one per stratum of [0, 1)
+    assert torch.equal(torch.sort((u * 64).floor().long().clamp(0, 63)).values, torch.arange(64))
+    f0, f1 = (float(f) for f in algo.log_move_chance_range())
+    masked_loss = out.nll[out.nll > 0]
+    torch.testing.assert_close(masked_loss, torch.full_like(masked_loss, (f1 - f0) * math.log(5)))
+    # The denoiser maps the sampler's sigma to the same u.
+    t = torch.tensor([0.01, 0.5, 1.0])
+    algo.denoiser(backbone)(torch.zeros(3, 4, dtype=torch.long), noise.total_noise(t))
+    expected = (noise.move_chance(t.double()).log() - f0) / (f1 - f0)
+    torch.testing.assert_close(backbone.seen_sigma.double(), expected, rtol=1e-5, atol=1e-5)
