@@ -149,3 +149,39 @@ def test_train_on_your_own_text_files(tmp_path: Path) -> None:
     )
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert "NLL bound" in proc.stdout and "true NLL" not in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["parameterization=subs", "T=1000"],
+        ["parameterization=d3pm", "T=1000", "subs_masking=true", "sampling.predictor=ddpm"],
+        ["parameterization=sedd", "noise=geometric", "sampling.predictor=analytic"],
+        ["parameterization=ar", "backbone=ar"],
+    ],
+    ids=["subs-T1000", "d3pm", "sedd", "ar"],
+)
+def test_every_parameterization_trains_evaluates_and_samples(tmp_path: Path, overrides: list[str]) -> None:
+    run_dir = tmp_path / "run"
+    proc = run_main(run_dir, *overrides, "trainer.max_steps=4", "wandb.mode=disabled")
+    assert "NLL bound" in proc.stdout and "--- sample" in proc.stdout
+    checkpoint = f"eval.checkpoint_path={run_dir}/checkpoints/last.ckpt"
+    run_main(tmp_path / "eval", "mode=ppl_eval", checkpoint, "wandb.mode=disabled", *overrides)
+    results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    assert results["nll"] > 0 and results["nll"] == results["nll"]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["parameterization=ar"], "backbone=ar parameterization=ar"),
+        (["backbone=ar"], "backbone=ar parameterization=ar"),
+        (["parameterization=sedd"], "valid choices: ['analytic']"),
+        (["parameterization=d3pm"], "T=1000"),
+        (["parameterization=nope"], "Valid choices"),
+    ],
+)
+def test_invalid_combinations_are_rejected_up_front(tmp_path: Path, overrides: list[str], message: str) -> None:
+    proc = run_main(tmp_path, *overrides, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr + proc.stdout
