@@ -325,6 +325,15 @@ class Algorithm(nn.Module):
         """What the backbone sees as its noise level: sigma, or 0 without time conditioning."""
         return sigma if self.time_conditioning else torch.zeros_like(sigma)
 
+    def denoiser(self, backbone: nn.Module) -> Denoiser:
+        """``(xt, sigma) -> log p_theta(x0 | xt)`` in SUBS form (zero mask probability,
+        carry-over) for the ``ddpm`` samplers; SEDD and AR override it."""
+
+        def denoise(xt: Tensor, sigma: Tensor) -> Tensor:
+            return subs_log_probs(backbone(xt, self.conditioning(sigma)), xt, self.mask_index)
+
+        return denoise
+
     def step_move_chances(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """Masking probabilities (m_t, m_s), float64 (B,), at grid times t = k/T and s = t - 1/T."""
         k = torch.round(t.double() * self.T)  # exact integers: t came from discrete_times
@@ -423,14 +432,6 @@ class MDLM(Algorithm):
         nll = self.diffusion_nll(backbone, x0, xt, t)
         return LossOutput(nll=nll * attention_mask, mask=attention_mask)
 
-    def denoiser(self, backbone: nn.Module) -> Denoiser:
-        """``(xt, sigma) -> log p_theta(x0 | xt)`` for the samplers."""
-
-        def denoise(xt: Tensor, sigma: Tensor) -> Tensor:
-            return subs_log_probs(backbone(xt, self.conditioning(sigma)), xt, self.mask_index)
-
-        return denoise
-
 
 class D3PM(Algorithm):
     """Absorbing-state D3PM (Austin et al. 2021) in discrete time, as the paper's baseline.
@@ -480,14 +481,6 @@ class D3PM(Algorithm):
         xt = q_xt(x0, self.noise.move_chance(t)[:, None], self.mask_index)
         nll = self.diffusion_nll(backbone, x0, xt, t) + self.reconstruction_nll(backbone, x0)
         return LossOutput(nll=nll * attention_mask, mask=attention_mask)
-
-    def denoiser(self, backbone: nn.Module) -> Denoiser:
-        """``(xt, sigma) -> log p_theta(x0 | xt)`` in the samplers' SUBS form (see the class docstring)."""
-
-        def denoise(xt: Tensor, sigma: Tensor) -> Tensor:
-            return subs_log_probs(backbone(xt, self.conditioning(sigma)), xt, self.mask_index)
-
-        return denoise
 
 
 class SEDD(Algorithm):

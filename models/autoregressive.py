@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.dit import LayerNorm, Rotary, TokenEmbedding, apply_rotary, attention
+from models.dit import LayerNorm, Rotary, TokenEmbedding, apply_rotary, attention, check_transformer_sizes
 
 # --------------------------------------------------------------------------- KV cache
 
@@ -193,20 +193,9 @@ class ARTransformer(nn.Module):
     ) -> None:
         super().__init__()
         del cond_dim  # no time conditioning
-        sizes = {'vocab_size': vocab_size, 'hidden_size': hidden_size, 'n_blocks': n_blocks,
-                 'n_heads': n_heads, 'mlp_ratio': mlp_ratio}
-        for name, value in sizes.items():
-            if value <= 0:
-                raise ValueError(f'{name} must be positive, got {value}')
-        if hidden_size % n_heads != 0:
-            raise ValueError(
-                f'hidden_size ({hidden_size}) must be divisible by n_heads ({n_heads})')
-        head_dim = hidden_size // n_heads
-        if head_dim % 2 != 0:
-            raise ValueError(
-                f'head dimension hidden_size / n_heads = {head_dim} must be even for rotary')
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f'dropout must be in [0, 1), got {dropout}')
+        head_dim = check_transformer_sizes(
+            vocab_size=vocab_size, hidden_size=hidden_size, n_blocks=n_blocks, n_heads=n_heads,
+            mlp_ratio=mlp_ratio, dropout=dropout)
 
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size

@@ -297,6 +297,23 @@ class FinalLayer(nn.Module):
 # --------------------------------------------------------------------------- model
 
 
+def check_transformer_sizes(hidden_size: int, n_heads: int, dropout: float, **sizes: int) -> int:
+    """Validate a transformer's sizes (all positive, even head size, dropout in [0, 1)); return the head size."""
+    for name, value in {'hidden_size': hidden_size, 'n_heads': n_heads, **sizes}.items():
+        if value <= 0:
+            raise ValueError(f'{name} must be positive, got {value}')
+    if hidden_size % n_heads != 0:
+        raise ValueError(
+            f'hidden_size ({hidden_size}) must be divisible by n_heads ({n_heads})')
+    head_dim = hidden_size // n_heads
+    if head_dim % 2 != 0:
+        raise ValueError(
+            f'head dimension hidden_size / n_heads = {head_dim} must be even for rotary')
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f'dropout must be in [0, 1), got {dropout}')
+    return head_dim
+
+
 class DiT(nn.Module):
     """MDLM's DiT denoiser: ``(indices (B, L), sigma (B,)) -> logits (B, L, vocab_size)``.
 
@@ -325,20 +342,9 @@ class DiT(nn.Module):
         causal: bool = False,
     ) -> None:
         super().__init__()
-        sizes = {'vocab_size': vocab_size, 'hidden_size': hidden_size, 'cond_dim': cond_dim,
-                 'n_blocks': n_blocks, 'n_heads': n_heads, 'mlp_ratio': mlp_ratio}
-        for name, value in sizes.items():
-            if value <= 0:
-                raise ValueError(f'{name} must be positive, got {value}')
-        if hidden_size % n_heads != 0:
-            raise ValueError(
-                f'hidden_size ({hidden_size}) must be divisible by n_heads ({n_heads})')
-        head_dim = hidden_size // n_heads
-        if head_dim % 2 != 0:
-            raise ValueError(
-                f'head dimension hidden_size / n_heads = {head_dim} must be even for rotary')
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f'dropout must be in [0, 1), got {dropout}')
+        head_dim = check_transformer_sizes(
+            vocab_size=vocab_size, hidden_size=hidden_size, cond_dim=cond_dim, n_blocks=n_blocks,
+            n_heads=n_heads, mlp_ratio=mlp_ratio, dropout=dropout)
 
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
