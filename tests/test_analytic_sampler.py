@@ -11,8 +11,6 @@ the 64 states), and with many steps it is the joint p itself.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import scipy.linalg
@@ -32,32 +30,15 @@ from test_samplers import (
 )
 from torch import Tensor
 
-from noise_schedule import LogLinear, NoiseSchedule
+from noise_schedule import Cosine, LogLinear, NoiseSchedule
 from samplers import SAMPLERS, AnalyticSampler, build_sampler, staggered_score, transposed_transition
 
 VOCAB = V + 1
 
 
-class CosineTest(NoiseSchedule):
-    """sigma(t) = -log(eps + (1 - eps) cos(pi t / 2)), a non-linear schedule."""
-
-    def __init__(self, eps: float = 1e-3) -> None:
-        super().__init__()
-        self.eps = eps
-
-    def total_noise(self, t: Tensor) -> Tensor:
-        return -torch.log(self.eps + (1 - self.eps) * torch.cos(math.pi * t / 2))
-
-    def rate_noise(self, t: Tensor) -> Tensor:
-        return (1 - self.eps) * math.pi / 2 * torch.sin(math.pi * t / 2) / (
-            self.eps + (1 - self.eps) * torch.cos(math.pi * t / 2)
-        )
-
-    def inverse_move_chance(self, move_chance: Tensor) -> Tensor:
-        return 2 / math.pi * torch.acos((1 - move_chance - self.eps) / (1 - self.eps))
 
 
-SCHEDULES = {"loglinear": LogLinear, "cosine": CosineTest}
+SCHEDULES = {"loglinear": LogLinear, "cosine": Cosine}
 
 with np.errstate(divide="ignore"):
     LOG_TABLE64 = torch.tensor(np.log(TABLE))  # (64, L, V + 1) float64, -inf where p = 0
@@ -128,7 +109,7 @@ def test_staggered_score_and_transition_are_matrix_exponentials() -> None:
 
 def test_one_step_is_the_exact_reverse_step() -> None:
     """Masked position, exact score s_v = p_v / expm1(sigma_t): probs_v = p_v (m_t - m_s) / m_t."""
-    noise = CosineTest()
+    noise = Cosine()
     t, s = torch.tensor(0.8, dtype=torch.float64), torch.tensor(0.55, dtype=torch.float64)
     sigma_t, sigma_s = noise.total_noise(t), noise.total_noise(s)
     p = torch.tensor([0.2, 0.5, 0.3, 0.0], dtype=torch.float64)
@@ -180,7 +161,7 @@ def test_many_steps_reach_target() -> None:
 # ---- NFE, sigma, given tokens --------------------------------------------------------------
 
 def test_nfe_and_sigmas() -> None:
-    noise, steps = CosineTest(), 7
+    noise, steps = Cosine(), 7
     oracle = ScoreOracle()
     out = run(make(noise, steps=steps, eps=0.4), ALL_MASK, 256, 0, oracle)
     assert out.nfe == oracle.calls == steps + 1  # masks left at t = 0.4 -> denoising step

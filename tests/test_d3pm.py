@@ -21,29 +21,11 @@ from test_samplers import JOINT, LOG_TABLE, L, state_index
 from torch import Tensor, nn
 
 from algorithms import D3PM, MDLM, NEG_INF, d3pm_kl, d3pm_log_probs, discrete_times, q_xt, subs_log_probs
-from noise_schedule import LogLinear, NoiseSchedule
+from noise_schedule import Cosine, LogLinear, NoiseSchedule
 
 # ---- schedules local to the tests -------------------------------------------------------
 
 
-class CosineTest(NoiseSchedule):
-    """sigma(t) = -log(eps + (1 - eps) cos(pi t / 2)): a non-linear alpha_t, so that a loss using
-    1 - t in place of alpha_t fails."""
-
-    def __init__(self, eps: float = 1e-3) -> None:
-        super().__init__()
-        self.eps = eps
-
-    def total_noise(self, t: Tensor) -> Tensor:
-        return -torch.log(self.eps + (1 - self.eps) * torch.cos(math.pi * t / 2))
-
-    def rate_noise(self, t: Tensor) -> Tensor:
-        return (1 - self.eps) * math.pi / 2 * torch.sin(math.pi * t / 2) / (
-            self.eps + (1 - self.eps) * torch.cos(math.pi * t / 2)
-        )
-
-    def inverse_move_chance(self, move_chance: Tensor) -> Tensor:
-        return 2 / math.pi * torch.acos((1 - move_chance - self.eps) / (1 - self.eps))
 
 
 class LinearTest(NoiseSchedule):
@@ -63,7 +45,7 @@ class LinearTest(NoiseSchedule):
         return (-torch.log1p(-move_chance) - self.a) / (self.b - self.a)
 
 
-SCHEDULES = {"loglinear": LogLinear, "cosine": CosineTest}
+SCHEDULES = {"loglinear": LogLinear, "cosine": Cosine}
 
 # ---- slow reference from explicit transition matrices ----------------------------------
 
@@ -158,7 +140,7 @@ def test_d3pm_kl_matches_transition_matrices(schedule: str, subs_masking: bool) 
 
 def test_d3pm_posterior_forms_agree_without_mask_mass() -> None:
     """With p_theta(mask | x_t) = 0 the D3PM form equals sum_x0 q(x_s | x_t, x0) p_theta(x0 | x_t)."""
-    noise, T = CosineTest(), 5
+    noise, T = Cosine(), 5
     rng = np.random.default_rng(0)
     for k in range(1, T + 1):
         alpha_t, alpha_s = (1 - float(noise.move_chance(torch.tensor(x / T)))
@@ -217,9 +199,9 @@ def test_d3pm_kl_is_finite_at_the_last_step_and_nonnegative() -> None:
         torch.testing.assert_close(kl[masked], expected[masked], rtol=1e-4, atol=1e-4)
     # Non-negative everywhere on random inputs.
     for seed in range(5):
-        logits, x0, xt, t = random_batch(seed, 13, CosineTest())
+        logits, x0, xt, t = random_batch(seed, 13, Cosine())
         log_p = d3pm_log_probs(logits, MASK, subs_masking=False)
-        assert (d3pm_kl(log_p, x0, xt, CosineTest().move_chance(t), CosineTest().move_chance(t - 1 / 13), MASK)
+        assert (d3pm_kl(log_p, x0, xt, Cosine().move_chance(t), Cosine().move_chance(t - 1 / 13), MASK)
                 >= -1e-6).all()
 
 
@@ -243,7 +225,7 @@ def test_subs_discrete_loss_matches_transition_matrices(schedule: str) -> None:
 
 def test_subs_discrete_uses_the_schedule_alpha() -> None:
     """With a cosine schedule the weight is T (m_t - m_s) / m_t, not the original's T (1/T) / t."""
-    noise, T = CosineTest(), 10
+    noise, T = Cosine(), 10
     x0 = torch.zeros(1, 1, dtype=torch.long)
     xt = torch.full((1, 1), MASK)
     logits = torch.zeros(1, 1, VOCAB)  # -log p(x0) = log 4
@@ -292,7 +274,7 @@ def test_reconstruction_uses_the_schedule_sigma0() -> None:
 
 
 def test_d3pm_loss_is_diffusion_plus_reconstruction() -> None:
-    noise, T = CosineTest(), 20
+    noise, T = Cosine(), 20
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(8, 12, VOCAB, generator=g)
     x0 = torch.randint(0, MASK, (8, 12), generator=g)

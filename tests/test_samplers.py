@@ -12,7 +12,6 @@ x_t it returns log p(x_0^i = v | visible tokens of x_t), computed by enumeration
 from __future__ import annotations
 
 import itertools
-import math
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ import torch
 from scipy import stats
 from torch import Tensor
 
-from noise_schedule import LogLinear, NoiseSchedule
+from noise_schedule import Cosine, LogLinear, NoiseSchedule
 from samplers import (
     SAMPLERS,
     DDPMCacheSampler,
@@ -105,27 +104,6 @@ class Oracle:
         return LOG_TABLE[state_index(x)]  # (B, L, V + 1)
 
 
-class Cosine(NoiseSchedule):
-    """A non-linear schedule, so that a sampler using t in place of 1 - alpha_t fails.
-
-    sigma(t) = -log(eps + (1 - eps) cos(pi t / 2)).
-    """
-
-    def __init__(self, eps: float = 1e-3) -> None:
-        super().__init__()
-        self.eps = eps
-
-    def total_noise(self, t: Tensor) -> Tensor:
-        return -torch.log(self.eps + (1 - self.eps) * torch.cos(math.pi * t / 2))
-
-    def rate_noise(self, t: Tensor) -> Tensor:
-        cos = torch.cos(math.pi * t / 2)
-        return (1 - self.eps) * math.pi / 2 * torch.sin(math.pi * t / 2) / (
-            self.eps + (1 - self.eps) * cos
-        )
-
-    def inverse_move_chance(self, move_chance: Tensor) -> Tensor:
-        return 2 / math.pi * torch.acos((1 - move_chance - self.eps) / (1 - self.eps))
 
 
 SCHEDULES = {"loglinear": LogLinear, "cosine": Cosine}
