@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
-from test_d3pm import TOY_MASK, CosineTest, expected_loss
+from test_d3pm import TOY_MASK, expected_loss
 from torch import nn
 
 from algorithms import (
@@ -20,7 +20,7 @@ from algorithms import (
     subs_log_probs,
     subs_nelbo,
 )
-from noise_schedule import LogLinear
+from noise_schedule import Cosine, LogLinear
 from samplers import SAMPLERS
 
 MASK = 5
@@ -255,16 +255,16 @@ def test_ar_loss_matches_slow_reference() -> None:
 
 def test_importance_sampling_draws_log_uniform_masking_probabilities() -> None:
     eps = 1e-3
-    algo = MDLM(CosineTest(), MASK, sampling_eps=eps, importance_sampling=True, antithetic_sampling=False)
+    algo = MDLM(Cosine(), MASK, sampling_eps=eps, importance_sampling=True, antithetic_sampling=False)
     torch.manual_seed(0)
     t = algo.sample_t(20_000).double()
-    f0, f1 = (math.log(float(CosineTest().move_chance(torch.tensor(x, dtype=torch.float64)))) for x in (eps, 1.0))
-    u = (CosineTest().move_chance(t).log() - f0) / (f1 - f0)
+    f0, f1 = (math.log(float(Cosine().move_chance(torch.tensor(x, dtype=torch.float64)))) for x in (eps, 1.0))
+    u = (Cosine().move_chance(t).log() - f0) / (f1 - f0)
     assert stats.kstest(u.numpy(), "uniform").pvalue > 1e-3
     assert t.min() >= eps and t.max() <= 1
     # Antithetic: one draw per stratum of u.
-    anti = MDLM(CosineTest(), MASK, importance_sampling=True).sample_t(64).double()
-    u = (CosineTest().move_chance(anti).log() - f0) / (f1 - f0)
+    anti = MDLM(Cosine(), MASK, importance_sampling=True).sample_t(64).double()
+    u = (Cosine().move_chance(anti).log() - f0) / (f1 - f0)
     assert torch.equal(torch.sort((u * 64).floor().long().clamp(0, 63)).values, torch.arange(64))
 
 
@@ -275,7 +275,7 @@ def test_importance_sampling_is_an_exact_estimator(schedule: str) -> None:
     Both are computed exactly on the toy problem (exact denoiser, every x0 and mask pattern).
     The original's weight -f0 (f1 taken as 0) is off by the factor -f0 / (f1 - f0).
     """
-    noise = LogLinear() if schedule == "loglinear" else CosineTest()
+    noise = LogLinear() if schedule == "loglinear" else Cosine()
     eps = 1e-3
     algo = MDLM(noise, TOY_MASK, sampling_eps=eps, importance_sampling=True)
     f0, f1 = (float(f) for f in algo.log_move_chance_range())
@@ -295,7 +295,7 @@ def test_importance_sampling_is_an_exact_estimator(schedule: str) -> None:
 
 
 def test_change_of_variables_conditions_on_u() -> None:
-    noise, eps = CosineTest(), 1e-3
+    noise, eps = Cosine(), 1e-3
     algo = MDLM(noise, MASK, sampling_eps=eps, change_of_variables=True, time_conditioning=True)
     backbone = ConstantBackbone(torch.zeros(1, 1, VOCAB))
     torch.manual_seed(0)
