@@ -21,6 +21,7 @@ that a token is still clean and ``m_t = 1 - alpha_t`` its masking probability.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable
@@ -44,6 +45,10 @@ class LossOutput:
     nll: Tensor   # (B, L') nats per scored token (L' = L, or L - 1 for next-token prediction)
     mask: Tensor  # (B, L') 1 for scored tokens, 0 for padding / unscored
 
+
+Backbone = Callable[..., Tensor]
+"""The network as the losses call it: ``(x (B, L), sigma (B,) or None) -> logits (B, L, V)``, an
+``nn.Module`` or one with its padding mask bound (:meth:`Algorithm.with_padding_mask`)."""
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 """``(xt (B, L), sigma (B,)) -> (B, L, V)``: log p_theta(x0 | xt) for ``subs`` and ``d3pm``,
@@ -325,6 +330,22 @@ class Algorithm(nn.Module):
         """What the backbone sees as its noise level: sigma, or 0 without time conditioning."""
         return sigma if self.time_conditioning else torch.zeros_like(sigma)
 
+    @staticmethod
+    def with_padding_mask(backbone: Backbone, attention_mask: Tensor, padded: bool | None = None) -> Backbone:
+        """``backbone`` with ``attention_mask`` (B, L) bound, so that padding is hidden from its attention.
+
+        Padding is already left out of the loss; this keeps it from changing the predictions at
+        real tokens too. Without padding (all ones) the backbone itself is returned, so that
+        unpadded batches run exactly as before (no mask is built, flash-attn stays usable).
+        ``padded``: whether the mask has a zero, when the caller knows (checking a CUDA mask here
+        would synchronise with the GPU every step).
+        """
+        if padded is None:
+            padded = not bool(attention_mask.all())
+        if not padded:
+            return backbone
+        return functools.partial(backbone, attention_mask=attention_mask)
+
     def denoiser(self, backbone: nn.Module) -> Denoiser:
         """``(xt, sigma) -> log p_theta(x0 | xt)`` in SUBS form (zero mask probability,
         carry-over) for the ``ddpm`` samplers; SEDD and AR override it."""
@@ -412,7 +433,7 @@ class MDLM(Algorithm):
             return t.clamp(self.sampling_eps, 1.0).float()
         return sample_times(n, self.sampling_eps, self.antithetic_sampling, device)
 
-    def diffusion_nll(self, backbone: nn.Module, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
+    def diffusion_nll(self, backbone: Backbone, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
         """Per-token loss (B, L) at times t (B,) drawn by :meth:`sample_t`, for xt ~ q(xt | x0)."""
         sigma = self.noise.total_noise(t)                                         # (B,)
         logits = backbone(xt, self.conditioning(sigma))                          # (B, L, V)
@@ -425,8 +446,11 @@ class MDLM(Algorithm):
             weight = self.noise(t).nelbo_weight
         return subs_nelbo(logits, x0, xt, self.mask_index, weight)
 
-    def loss(self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor) -> LossOutput:
-        """Per-token NELBO (B, L) for one time sample per sequence; padding scores 0."""
+    def loss(
+        self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor, padded: bool | None = None
+    ) -> LossOutput:
+        """Per-token NELBO (B, L) for one time sample per sequence; padding scores 0 and is not attended to."""
+        backbone = self.with_padding_mask(backbone, attention_mask, padded)
         t = self.sample_t(x0.shape[0], x0.device)
         xt = q_xt(x0, self.noise.move_chance(t)[:, None], self.mask_index)
         nll = self.diffusion_nll(backbone, x0, xt, t)
@@ -461,22 +485,28 @@ class D3PM(Algorithm):
         """Grid times (n,) on {1/T, ..., 1}, uniform over the T steps."""
         return discrete_times(sample_times(n, 0.0, self.antithetic_sampling, device), self.T)
 
-    def diffusion_nll(self, backbone: nn.Module, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
+    def diffusion_nll(self, backbone: Backbone, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
         """``T * KL`` per token (B, L) at grid times t (B,), for xt ~ q(xt | x0)."""
         logits = backbone(xt, self.conditioning(self.noise.total_noise(t)))      # (B, L, V)
         log_p = d3pm_log_probs(logits, self.mask_index, self.subs_masking)
         move_chance_t, move_chance_s = self.step_move_chances(t)
         return self.T * d3pm_kl(log_p, x0, xt, move_chance_t, move_chance_s, self.mask_index)
 
-    def reconstruction_nll(self, backbone: nn.Module, x0: Tensor) -> Tensor:
+    def reconstruction_nll(self, backbone: Backbone, x0: Tensor) -> Tensor:
         """``-log p_theta(x0 | z_0)`` per token (B, L), z_0 ~ q(. | x0) at t = 0."""
         level = self.noise(torch.zeros(x0.shape[0], device=x0.device))
         z0 = q_xt(x0, level.move_chance[:, None], self.mask_index)
         log_p = d3pm_log_probs(backbone(z0, self.conditioning(level.sigma)), self.mask_index, self.subs_masking)
         return -log_p.gather(-1, x0[..., None]).squeeze(-1)
 
-    def loss(self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor) -> LossOutput:
-        """Per-token NELBO (B, L): diffusion term at one time per sequence plus reconstruction."""
+    def loss(
+        self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor, padded: bool | None = None
+    ) -> LossOutput:
+        """Per-token NELBO (B, L): diffusion term at one time per sequence plus reconstruction.
+
+        Padding scores 0 and is not attended to.
+        """
+        backbone = self.with_padding_mask(backbone, attention_mask, padded)
         t = self.sample_t(x0.shape[0], x0.device)
         xt = q_xt(x0, self.noise.move_chance(t)[:, None], self.mask_index)
         nll = self.diffusion_nll(backbone, x0, xt, t) + self.reconstruction_nll(backbone, x0)
@@ -507,14 +537,17 @@ class SEDD(Algorithm):
         """Continuous times (n,) in [sampling_eps, 1]."""
         return sample_times(n, self.sampling_eps, self.antithetic_sampling, device)
 
-    def diffusion_nll(self, backbone: nn.Module, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
+    def diffusion_nll(self, backbone: Backbone, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
         """``dsigma * score entropy`` per token (B, L) at times t (B,), for xt ~ q(xt | x0)."""
         level = self.noise(t)
         log_score = sedd_log_score(backbone(xt, self.conditioning(level.sigma)), xt, level.sigma)
         return level.dsigma.float()[:, None] * score_entropy(log_score, x0, xt, level.sigma, self.mask_index)
 
-    def loss(self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor) -> LossOutput:
-        """Per-token loss (B, L) for one time sample per sequence; padding scores 0."""
+    def loss(
+        self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor, padded: bool | None = None
+    ) -> LossOutput:
+        """Per-token loss (B, L) for one time sample per sequence; padding scores 0 and is not attended to."""
+        backbone = self.with_padding_mask(backbone, attention_mask, padded)
         t = self.sample_t(x0.shape[0], x0.device)
         xt = q_xt(x0, self.noise.move_chance(t)[:, None], self.mask_index)
         nll = self.diffusion_nll(backbone, x0, xt, t)
@@ -532,10 +565,10 @@ class SEDD(Algorithm):
 class AR(Algorithm):
     """Autoregressive baseline: next-token cross-entropy of a causal backbone.
 
-    ``logits = backbone(x0[:, :-1], None)`` predict ``x0[:, 1:]``; the mask logit is set to
-    NEG_INF (the vocabulary is shared with the diffusion models); scored tokens are
-    ``attention_mask[:, 1:]``. ``noise``, ``sampling_eps`` and ``antithetic_sampling`` are
-    accepted (the config always passes them) and unused.
+    ``logits = backbone(x0[:, :-1], None)`` (padding mask ``attention_mask[:, :-1]``) predict
+    ``x0[:, 1:]``; the mask logit is set to NEG_INF (the vocabulary is shared with the diffusion
+    models); scored tokens are ``attention_mask[:, 1:]``. ``noise``, ``sampling_eps`` and
+    ``antithetic_sampling`` are accepted (the config always passes them) and unused.
     """
 
     parameterization = "ar"
@@ -547,8 +580,11 @@ class AR(Algorithm):
                 self.reject(option, "the AR baseline has no diffusion time or mask parameterization; "
                             f"remove the {option} override.")
 
-    def loss(self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor) -> LossOutput:
-        """Per-token next-token NLL (B, L - 1); padding scores 0."""
+    def loss(
+        self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor, padded: bool | None = None
+    ) -> LossOutput:
+        """Per-token next-token NLL (B, L - 1); padding scores 0 and is not attended to."""
+        backbone = self.with_padding_mask(backbone, attention_mask[:, :-1], False if padded is False else None)
         logits = backbone(x0[:, :-1], None)                                        # (B, L - 1, V)
         mask = attention_mask[:, 1:]
         return LossOutput(nll=ar_nll(logits, x0[:, 1:], self.mask_index) * mask, mask=mask)

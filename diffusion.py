@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -18,6 +19,12 @@ from algorithms import Algorithm, LossOutput
 from metrics import NLLMetric
 from models.ema import ExponentialMovingAverage
 from samplers import ARSampler, SampleOutput, Sampler
+
+
+def step_seed(seed: int, rank: int, epoch: int, batch_idx: int) -> int:
+    """A 63-bit seed that is a pure function of the training batch's coordinates."""
+    return int(np.random.SeedSequence([seed, rank, epoch, batch_idx]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -34,6 +41,10 @@ class Diffusion(L.LightningModule):
         ema_decay: EMA decay (0 disables EMA). EMA weights are used for validation and
             sampling and saved in checkpoints under ``ema``.
         run_config: the resolved run config, saved in checkpoints under ``config``.
+        seed: the global random state is re-seeded before every training batch from
+            ``(seed, rank, epoch, batch index)`` (:func:`step_seed`), so the noise and dropout of
+            a batch do not depend on what ran before it: a run resumed from a checkpoint draws
+            exactly the random numbers of the uninterrupted run.
     """
 
     def __init__(
@@ -44,6 +55,7 @@ class Diffusion(L.LightningModule):
         lr_scheduler: SchedulerFactory | None = None,
         ema_decay: float = 0.9999,
         run_config: dict[str, Any] | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -51,6 +63,7 @@ class Diffusion(L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.run_config = run_config
+        self.seed = seed
         self.ema = ExponentialMovingAverage(self.trainable_parameters(), ema_decay) if ema_decay > 0 else None
         self.val_metric = NLLMetric()
         self.last_val: dict[str, float] = {}
@@ -94,8 +107,18 @@ class Diffusion(L.LightningModule):
             self.ema.load_state_dict(checkpoint["ema"])
 
     # ----------------------------------------------------------------- training
-    def _loss(self, batch: dict[str, Tensor]) -> LossOutput:
-        return self.algorithm.loss(self.backbone, batch["input_ids"], batch["attention_mask"])
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        # Whether the batch has padding, decided on the CPU: checking the mask on the GPU
+        # inside the loss would synchronise with it every step.
+        if batch["attention_mask"].device.type == "cpu":
+            batch["padded"] = not bool(batch["attention_mask"].all())
+        return batch
+
+    def _loss(self, batch: dict[str, Any]) -> LossOutput:
+        return self.algorithm.loss(self.backbone, batch["input_ids"], batch["attention_mask"], batch.get("padded"))
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        torch.manual_seed(step_seed(self.seed, self.global_rank, self.current_epoch, batch_idx))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self._loss(batch)

@@ -23,11 +23,10 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
-from torch.utils.data import DataLoader, Dataset
 
 import utils
 from algorithms import build_algorithm
-from dataloader import block_special_ids, decode, vocab_and_mask
+from dataloader import DataModule, block_special_ids, decode, vocab_and_mask
 from diffusion import Diffusion
 from samplers import ARSampler, Sampler, build_sampler
 
@@ -100,6 +99,7 @@ def build_module(cfg: DictConfig, vocab_size: int, mask_index: int) -> Diffusion
         lr_scheduler=instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
         ema_decay=cfg.training.ema,
         run_config=OmegaConf.to_container(cfg, resolve=True),
+        seed=cfg.seed,
     )
 
 
@@ -149,14 +149,14 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, utils.Batc
     return trainer, train_plan, eval_plan
 
 
-def make_loader(dataset: Dataset, batch_size: int, cfg: DictConfig, shuffle: bool) -> DataLoader:
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
+def make_datamodule(cfg: DictConfig, data: Any, train_plan: utils.BatchPlan, eval_plan: utils.BatchPlan) -> DataModule:
+    return DataModule(
+        data,
+        batch_size=train_plan.per_device,
+        eval_batch_size=eval_plan.per_device,
         num_workers=cfg.loader.num_workers,
-        pin_memory=cfg.loader.pin_memory and torch.cuda.is_available(),
-        persistent_workers=cfg.loader.num_workers > 0,
+        pin_memory=cfg.loader.pin_memory,
+        seed=cfg.seed,
     )
 
 
@@ -292,14 +292,13 @@ def train(cfg: DictConfig, run_dir: Path) -> None:
         f"Batch: {train_plan.per_device} per device x {train_plan.world_size} processes "
         f"x {train_plan.accumulate} accumulation = {train_plan.global_size} sequences of {cfg.model.length} tokens."
     )
-    train_loader = make_loader(data.train_dataset(), train_plan.per_device, cfg, shuffle=True)
-    valid_loader = make_loader(data.valid_dataset(), eval_plan.per_device, cfg, shuffle=False)
+    datamodule = make_datamodule(cfg, data, train_plan, eval_plan)
     ckpt_path = Path(cfg.checkpointing.resume_ckpt_path)
     resume = cfg.checkpointing.resume_from_ckpt and ckpt_path.is_file()
     if resume:
         print(f"Resuming from {ckpt_path}")
-    trainer.fit(module, train_loader, valid_loader, ckpt_path=str(ckpt_path) if resume else None)
-    trainer.validate(module, valid_loader, verbose=False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if resume else None)
+    trainer.validate(module, datamodule=datamodule, verbose=False)
     report_likelihood(module.last_val, "Final validation (EMA weights)")
     if not trainer.is_global_zero:
         return
@@ -316,9 +315,8 @@ def train(cfg: DictConfig, run_dir: Path) -> None:
 def ppl_eval(cfg: DictConfig, run_dir: Path) -> None:
     data, vocab_size, mask_index = build_data(cfg)
     module = load_for_eval(cfg, vocab_size, mask_index)
-    trainer, _, eval_plan = build_trainer(cfg, run_dir)
-    valid_loader = make_loader(data.valid_dataset(), eval_plan.per_device, cfg, shuffle=False)
-    trainer.validate(module, valid_loader, verbose=False)
+    trainer, train_plan, eval_plan = build_trainer(cfg, run_dir)
+    trainer.validate(module, datamodule=make_datamodule(cfg, data, train_plan, eval_plan), verbose=False)
     results = module.last_val
     report_likelihood(results, f"Perplexity evaluation of {cfg.eval.checkpoint_path} on {cfg.data.name}")
     if trainer.is_global_zero:

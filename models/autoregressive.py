@@ -25,7 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.dit import LayerNorm, Rotary, TokenEmbedding, apply_rotary, attention, check_transformer_sizes
+from models.dit import (
+    LayerNorm,
+    Rotary,
+    TokenEmbedding,
+    apply_rotary,
+    attention,
+    check_transformer_sizes,
+    to_key_padding_mask,
+)
 
 # --------------------------------------------------------------------------- KV cache
 
@@ -121,10 +129,13 @@ class ARBlock(nn.Module):
         x = x + self.dropout(self.attn_out(attn))  # (B, L, D)
         return x + self.dropout(self.mlp(self.norm2(x)))  # (B, L, D)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """x (B, L, D), cos/sin (L, D_head/2) for positions 0..L-1 -> (B, L, D)."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """x (B, L, D), cos/sin (L, D_head/2) for positions 0..L-1 -> (B, L, D).
+
+        ``key_padding_mask`` (B, L) bool, True at real tokens, or None (no padding).
+        """
         qkv = self.rotated_qkv(x, cos, sin)  # (B, L, 3, H, D_head)
-        return self.residuals(x, attention(qkv, causal=True))
+        return self.residuals(x, attention(qkv, causal=True, key_padding_mask=key_padding_mask))
 
     def forward_step(
         self, x: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor, start: int
@@ -207,17 +218,24 @@ class ARTransformer(nn.Module):
             ARBlock(hidden_size, n_heads, mlp_ratio, dropout) for _ in range(n_blocks))
         self.output_layer = ARFinalLayer(hidden_size, vocab_size)
 
-    def forward(self, indices: Tensor, sigma: Tensor | None = None) -> Tensor:
+    def forward(
+        self, indices: Tensor, sigma: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> Tensor:
         """indices (B, L) long -> logits (B, L, vocab_size); logits[:, i] predict token i + 1.
 
         ``sigma`` is ignored (accepted so that the AR model has the denoiser's signature).
+        ``attention_mask`` (B, L), 1 = real token and 0 = padding, hides padding keys from
+        every query on top of the causal mask, so that padding never changes the logits at
+        real tokens wherever it sits (with right padding causality alone already ensures
+        it). None or all ones: no mask, the fast path. :meth:`forward_step` takes no mask.
         """
         if indices.ndim != 2:
             raise ValueError(f'indices must be (B, L), got shape {tuple(indices.shape)}')
+        padding = to_key_padding_mask(attention_mask, indices)  # (B, L) bool or None
         x = self.vocab_embed(indices)  # (B, L, D)
         cos, sin = self.rotary_emb(indices.shape[1], x.device)  # each (L, D_head/2)
         for block in self.blocks:
-            x = block(x, cos, sin)  # (B, L, D)
+            x = block(x, cos, sin, padding)  # (B, L, D)
         return self.output_layer(x)  # (B, L, V)
 
     def new_cache(

@@ -13,6 +13,9 @@ whose rounding cannot be reproduced exactly without it).
 
 Attention runs through flash-attn when it is installed and the inputs are fp16/bf16 CUDA
 tensors, and through :func:`torch.nn.functional.scaled_dot_product_attention` otherwise.
+An optional ``attention_mask`` (B, L) (1 = real token, 0 = padding) hides padding keys from
+every query; batches with padding always take the SDPA path, since the packed flash-attn
+function used here has no key-padding mask.
 """
 
 from __future__ import annotations
@@ -39,24 +42,57 @@ ROTARY_BASE = 10_000.0  # rotary embedding base
 # --------------------------------------------------------------------------- attention
 
 
-def sdpa_attention(qkv: Tensor, causal: bool) -> Tensor:
+def padding_attn_mask(key_padding_mask: Tensor, causal: bool) -> Tensor:
+    """Boolean SDPA mask (True = attend) that hides padding keys from every query.
+
+    Bidirectional: ``keep[b, 0, 0, j] = real[b, j]``, shape (B, 1, 1, L), broadcast over heads
+    and queries. Causal: ``keep[b, 0, i, j] = real[b, j] and j <= i``, shape (B, 1, L, L).
+
+    A query with no key left would take a softmax over nothing. Such rows exist only where no
+    real token can be affected: a sequence that is all padding (bidirectional; it then attends
+    to every key) or a padding query before the first real token (causal; it then also attends
+    to itself). Real queries never see a padding key.
+
+    Args:
+        key_padding_mask: (B, L) bool, True at real tokens.
+        causal: if True, also hide the future.
+
+    Returns:
+        (B, 1, 1, L) or (B, 1, L, L) bool mask for ``scaled_dot_product_attention``.
+    """
+    keep = key_padding_mask[:, None, None, :]  # (B, 1, 1, L)
+    if not causal:
+        return keep | ~key_padding_mask.any(dim=-1)[:, None, None, None]
+    positions = torch.arange(key_padding_mask.shape[1], device=key_padding_mask.device)  # (L,)
+    past = positions[None, :] <= positions[:, None]  # (L, L), key j <= query i
+    itself = positions[None, :] == positions[:, None]  # (L, L)
+    return (keep & past) | itself  # (B, 1, L, L)
+
+
+def sdpa_attention(qkv: Tensor, causal: bool, key_padding_mask: Tensor | None = None) -> Tensor:
     """Multi-head softmax attention ``softmax(q k^T / sqrt(D)) v`` with PyTorch SDPA.
 
     Args:
         qkv: (B, L, 3, H, D) packed queries, keys and values.
         causal: if True, position i attends only to positions <= i.
+        key_padding_mask: optional (B, L) bool, True at real tokens; padding keys are then
+            hidden from every query (see :func:`padding_attn_mask`). None: no mask is built.
 
     Returns:
         (B, L, H * D) attention output with the heads concatenated.
     """
     batch, length, _, n_heads, head_dim = qkv.shape
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, D)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, L, D)
+    if key_padding_mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, L, D)
+    else:
+        attn_mask = padding_attn_mask(key_padding_mask, causal)  # (B, 1, 1 or L, L)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, L, D)
     return out.transpose(1, 2).reshape(batch, length, n_heads * head_dim)
 
 
 def flash_attention(qkv: Tensor, causal: bool) -> Tensor:
-    """Same as :func:`sdpa_attention` with the flash-attn kernel (CUDA, fp16/bf16 only).
+    """Same as :func:`sdpa_attention` with the flash-attn kernel (CUDA, fp16/bf16 only), no padding mask.
 
     Args:
         qkv: (B, L, 3, H, D) packed queries, keys and values.
@@ -72,19 +108,43 @@ def flash_attention(qkv: Tensor, causal: bool) -> Tensor:
     return out.reshape(batch, length, n_heads * head_dim)
 
 
-def attention(qkv: Tensor, causal: bool) -> Tensor:
-    """Dispatch to flash-attn when usable (installed, CUDA, fp16/bf16), else to SDPA.
+def attention(qkv: Tensor, causal: bool, key_padding_mask: Tensor | None = None) -> Tensor:
+    """Dispatch to flash-attn when usable (installed, CUDA, fp16/bf16, no padding mask), else to SDPA.
+
+    ``flash_attn_qkvpacked_func`` takes no key-padding mask (that would need the varlen
+    kernel and unpadding), so a batch with padding always runs through SDPA.
 
     Args:
         qkv: (B, L, 3, H, D) packed queries, keys and values.
         causal: if True, position i attends only to positions <= i.
+        key_padding_mask: optional (B, L) bool, True at real tokens; None = no padding.
 
     Returns:
         (B, L, H * D) attention output.
     """
-    if FLASH_ATTN_AVAILABLE and qkv.is_cuda and qkv.dtype in _FLASH_DTYPES:
+    if key_padding_mask is None and FLASH_ATTN_AVAILABLE and qkv.is_cuda and qkv.dtype in _FLASH_DTYPES:
         return flash_attention(qkv, causal)
-    return sdpa_attention(qkv, causal)
+    return sdpa_attention(qkv, causal, key_padding_mask)
+
+
+def to_key_padding_mask(attention_mask: Tensor | None, indices: Tensor) -> Tensor | None:
+    """The padding mask the attention layers need: None when there is no padding.
+
+    Args:
+        attention_mask: None, or (B, L) with 1 at real tokens and 0 at padding (any dtype).
+        indices: (B, L) the tokens it belongs to (for the shape check).
+
+    Returns:
+        None if ``attention_mask`` is None or all ones (then attention runs exactly as without
+        it), else (B, L) bool, True at real tokens.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.shape != indices.shape:
+        raise ValueError(f'attention_mask must be (B, L) = {tuple(indices.shape)}, '
+                         f'got shape {tuple(attention_mask.shape)}')
+    real = attention_mask.bool()
+    return None if bool(real.all()) else real
 
 
 # --------------------------------------------------------------------------- rotary
@@ -257,8 +317,13 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.weight)
         nn.init.zeros_(self.adaLN_modulation.bias)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, c: Tensor) -> Tensor:
-        """x (B, L, D), cos/sin (L, D_head/2), c (B, cond_dim) -> (B, L, D)."""
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, c: Tensor, key_padding_mask: Tensor | None = None
+    ) -> Tensor:
+        """x (B, L, D), cos/sin (L, D_head/2), c (B, cond_dim) -> (B, L, D).
+
+        ``key_padding_mask`` (B, L) bool, True at real tokens, or None (no padding).
+        """
         batch, length, dim = x.shape
         modulation = self.adaLN_modulation(c)[:, None]  # (B, 1, 6D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=2)
@@ -266,7 +331,7 @@ class DiTBlock(nn.Module):
         h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, L, D)
         qkv = self.attn_qkv(h).view(batch, length, 3, self.n_heads, dim // self.n_heads)
         qkv = apply_rotary(qkv, cos, sin)  # (B, L, 3, H, D_head)
-        h = attention(qkv, self.causal)  # (B, L, D)
+        h = attention(qkv, self.causal, key_padding_mask)  # (B, L, D)
         x = gated_residual(x, gate_msa, self.dropout(self.attn_out(h)))  # (B, L, D)
 
         h = modulate(self.norm2(x), shift_mlp, scale_mlp)  # (B, L, D)
@@ -359,16 +424,22 @@ class DiT(nn.Module):
         )
         self.output_layer = FinalLayer(hidden_size, vocab_size, cond_dim)
 
-    def forward(self, indices: Tensor, sigma: Tensor) -> Tensor:
-        """indices (B, L) long, sigma (B,) float -> logits (B, L, vocab_size)."""
+    def forward(self, indices: Tensor, sigma: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """indices (B, L) long, sigma (B,) float -> logits (B, L, vocab_size).
+
+        ``attention_mask`` (B, L), 1 = real token and 0 = padding, hides padding keys from
+        every query, so that padding never changes the logits at real tokens (the logits at
+        padding positions are meaningless). None or all ones: no mask, the fast path.
+        """
         if indices.ndim != 2:
             raise ValueError(f'indices must be (B, L), got shape {tuple(indices.shape)}')
         if sigma.shape != indices.shape[:1]:
             raise ValueError(
                 f'sigma must be (B,) = ({indices.shape[0]},), got shape {tuple(sigma.shape)}')
+        padding = to_key_padding_mask(attention_mask, indices)  # (B, L) bool or None
         x = self.vocab_embed(indices)  # (B, L, D)
         c = F.silu(self.sigma_map(sigma))  # (B, cond_dim)
         cos, sin = self.rotary_emb(indices.shape[1], x.device)  # each (L, D_head/2)
         for block in self.blocks:
-            x = block(x, cos, sin, c)  # (B, L, D)
+            x = block(x, cos, sin, c, padding)  # (B, L, D)
         return self.output_layer(x, c)  # (B, L, V)

@@ -222,9 +222,11 @@ class RecordingBackbone(nn.Module):
         super().__init__()
         self.logits = logits
         self.inputs: list[tuple[torch.Tensor, object]] = []
+        self.attention_masks: list[torch.Tensor | None] = []
 
-    def forward(self, x: torch.Tensor, sigma: object) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: object, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         self.inputs.append((x.clone(), sigma))
+        self.attention_masks.append(attention_mask)
         return self.logits[:, : x.shape[1]]
 
 
@@ -239,6 +241,8 @@ def test_ar_loss_matches_slow_reference() -> None:
     out = AR(LogLinear(), MASK).loss(backbone, x0, attention)
     (seen, sigma), = backbone.inputs
     assert torch.equal(seen, x0[:, :-1]) and sigma is None
+    (seen_mask,) = backbone.attention_masks
+    assert torch.equal(seen_mask, attention[:, :-1])  # the backbone's inputs are x0[:, :-1]
     assert torch.equal(out.mask, attention[:, 1:])
     slow = torch.zeros(B, L - 1, dtype=torch.float64)
     for b in range(B):

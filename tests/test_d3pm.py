@@ -93,9 +93,11 @@ class FixedLogits(nn.Module):
         super().__init__()
         self.logits = logits
         self.calls: list[tuple[Tensor, Tensor]] = []
+        self.attention_masks: list[Tensor | None] = []
 
-    def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         self.calls.append((x.clone(), sigma.clone()))
+        self.attention_masks.append(attention_mask)
         return self.logits
 
 
@@ -286,6 +288,7 @@ def test_d3pm_loss_is_diffusion_plus_reconstruction() -> None:
     backbone = FixedLogits(logits)
     out = algo.loss(backbone, x0, attention)
     (xt, sigma_t), (z0, sigma_0) = backbone.calls
+    assert all(mask is attention for mask in backbone.attention_masks)  # both calls see the padding
     torch.testing.assert_close(sigma_t, noise.total_noise(t))
     expected = algo.diffusion_nll(FixedLogits(logits), x0, xt, t) + algo.reconstruction_nll(FixedLogits(logits), x0)
     torch.testing.assert_close(out.nll, expected * attention)

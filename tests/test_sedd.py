@@ -76,7 +76,7 @@ class FixedLogits(nn.Module):
         self.logits = logits
         self.sigmas: list[Tensor] = []
 
-    def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         self.sigmas.append(sigma)
         return self.logits
 
