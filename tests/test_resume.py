@@ -113,27 +113,42 @@ def assert_same_training_state(a: dict, b: dict) -> None:
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
 
 
-@pytest.mark.parametrize("processes", [1, 2], ids=["1-process", "2-process-ddp-gloo"])
-def test_resumed_run_ends_with_identical_weights(tmp_path: Path, processes: int) -> None:
-    extra = [] if processes == 1 else ["trainer.accelerator=cpu", "trainer.devices=2", "strategy=ddp"]
-    run_main(tmp_path / "straight", *RESUME, *extra, "trainer.max_steps=10")
-    run_main(tmp_path / "interrupted", *RESUME, *extra, "trainer.max_steps=7")
-    stopped = final_state(tmp_path / "interrupted")
-    assert stopped["global_step"] == 7 and stopped["DataModule"]["batches"] == 1  # epoch 2, mid-epoch
-    proc = run_main(tmp_path / "interrupted", *RESUME, *extra, "trainer.max_steps=10")
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One process, 10 steps without interruption: the reference."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    run_main(run_dir, *RESUME, "trainer.max_steps=10")
+    return final_state(run_dir)
+
+
+def interrupt_and_resume(run_dir: Path, *extra: str, forget_data_state: bool = False) -> dict:
+    """Stop after 7 steps (inside the second epoch), then run the same command again up to 10."""
+    run_main(run_dir, *RESUME, *extra, "trainer.max_steps=7")
+    ckpt_path = run_dir / "checkpoints" / "last.ckpt"
+    stopped = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    assert stopped["global_step"] == 7 and stopped["DataModule"] == {
+        "epoch": 1, "batches": 1, "batch_size": 8 // (2 if extra else 1), "world_size": 2 if extra else 1}
+    if forget_data_state:
+        del stopped["DataModule"]
+        torch.save(stopped, ckpt_path)
+    proc = run_main(run_dir, *RESUME, *extra, "trainer.max_steps=10")
     assert "Resuming from" in proc.stdout
-    straight, resumed = final_state(tmp_path / "straight"), final_state(tmp_path / "interrupted")
-    assert_same_training_state(straight, resumed)
+    return final_state(run_dir)
 
 
-def test_resume_without_data_state_would_differ(tmp_path: Path) -> None:
+def test_resumed_run_ends_with_identical_weights(tmp_path: Path, straight_run: dict) -> None:
+    assert_same_training_state(straight_run, interrupt_and_resume(tmp_path))
+
+
+def test_resume_without_data_state_would_differ(tmp_path: Path, straight_run: dict) -> None:
     """The equality above is not vacuous: restarting the epoch from its start changes the weights."""
-    run_main(tmp_path / "straight", *RESUME, "trainer.max_steps=10")
-    run_main(tmp_path / "restart", *RESUME, "trainer.max_steps=7")
-    ckpt_path = tmp_path / "restart" / "checkpoints" / "last.ckpt"
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    del checkpoint["DataModule"]  # forget where the data order stood
-    torch.save(checkpoint, ckpt_path)
-    run_main(tmp_path / "restart", *RESUME, "trainer.max_steps=10")
-    straight, restarted = final_state(tmp_path / "straight"), final_state(tmp_path / "restart")
-    assert any(not torch.equal(straight["state_dict"][k], restarted["state_dict"][k]) for k in straight["state_dict"])
+    restarted = interrupt_and_resume(tmp_path, forget_data_state=True)
+    assert any(not torch.equal(straight_run["state_dict"][k], restarted["state_dict"][k])
+               for k in straight_run["state_dict"])
+
+
+def test_two_ddp_processes_resume_exactly(tmp_path: Path) -> None:
+    """2 CPU processes (gloo), 4 sequences each per step: interrupted + resumed == uninterrupted."""
+    ddp = ["trainer.accelerator=cpu", "trainer.devices=2", "strategy=ddp"]
+    run_main(tmp_path / "straight", *RESUME, *ddp, "trainer.max_steps=10")
+    assert_same_training_state(final_state(tmp_path / "straight"), interrupt_and_resume(tmp_path / "resumed", *ddp))
