@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, NoReturn
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -46,6 +47,44 @@ class LossOutput:
     mask: Tensor  # (B, L') 1 for scored tokens, 0 for padding / unscored
 
 
+@dataclass
+class Draws:
+    """Given random numbers for a loss evaluation, in place of fresh draws.
+
+    ``time`` (B,) uniforms in [0, 1) mapped to each parameterization's times; ``mask`` (B, L)
+    uniforms for the forward process (:func:`q_xt`).
+    """
+
+    time: Tensor
+    mask: Tensor
+
+
+GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0  # Kronecker sequence step: frac(n * GOLDEN) fills [0, 1) evenly
+
+
+def item_draws(indices: Tensor, length: int, seed: int, sample: int = 0, num_samples: int = 1) -> Draws:
+    """Random numbers that depend only on each sequence's data-set index, not on the batch.
+
+    Sequence ``g`` (``indices`` (B,)) in Monte-Carlo sample ``k`` of ``K = num_samples`` gets
+    the time uniform ``frac(c + (g K + k) GOLDEN)``, ``c`` from the seed (a Kronecker sequence
+    over the whole data set: as evenly spread as antithetic sampling within a batch), and mask
+    uniforms from a generator seeded with ``(seed, g, k)``. Any split of the data over batches
+    and processes then scores every sequence with the same noise: one process and several
+    give the same numbers.
+    """
+    c = np.random.default_rng([seed, 2**31 - 1]).random()
+    ranks = indices.detach().cpu().double() * num_samples + sample
+    time = torch.frac(c + ranks * GOLDEN).float()
+    rows = [torch.rand(length, generator=torch.Generator().manual_seed(_item_seed(seed, g, sample)))
+            for g in indices.tolist()]
+    mask = torch.stack(rows) if rows else torch.zeros(0, length)
+    return Draws(time=time.to(indices.device), mask=mask.to(indices.device))
+
+
+def _item_seed(seed: int, index: int, sample: int) -> int:
+    return int(np.random.SeedSequence([seed, index, sample]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
 Backbone = Callable[..., Tensor]
 """The network as the losses call it: ``(x (B, L), sigma (B,) or None) -> logits (B, L, V)``, an
 ``nn.Module`` or one with its padding mask bound (:meth:`Algorithm.with_padding_mask`)."""
@@ -62,13 +101,17 @@ def sample_times(
     antithetic: bool,
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
+    u: Tensor | None = None,
 ) -> Tensor:
     """Diffusion times for a batch, in ``[sampling_eps, 1]``. Shape (n,).
 
     Antithetic (low-discrepancy) sampling draws one time per stratum:
     ``u_i ~ U[i/n, (i+1)/n)`` (as ``(u/n + i/n) mod 1``), which lowers the variance of the
-    batch-averaged loss. Then ``t = (1 - sampling_eps) u + sampling_eps``.
+    batch-averaged loss. Then ``t = (1 - sampling_eps) u + sampling_eps``. Given uniforms
+    ``u`` (n,) (:class:`Draws`) are used as they are, without the antithetic shift.
     """
+    if u is not None:
+        return (1 - sampling_eps) * u.to(device) + sampling_eps
     u = torch.rand(n, device=device, generator=generator)
     if antithetic:
         offset = torch.arange(n, device=device) / n
@@ -88,12 +131,16 @@ def discrete_times(u: Tensor, T: int) -> Tensor:
     return (k + 1) / T
 
 
-def q_xt(x0: Tensor, move_chance: Tensor, mask_index: int, generator: torch.Generator | None = None) -> Tensor:
+def q_xt(
+    x0: Tensor, move_chance: Tensor, mask_index: int, generator: torch.Generator | None = None, u: Tensor | None = None
+) -> Tensor:
     """Forward process: each token is replaced by the mask with probability ``move_chance``.
 
-    x0: (B, L) long; move_chance: (B, 1) or broadcastable to (B, L). Returns xt (B, L).
+    x0: (B, L) long; move_chance: (B, 1) or broadcastable to (B, L); ``u`` (B, L): given
+    uniforms instead of fresh ones. Returns xt (B, L): the mask where ``u < move_chance``.
     """
-    u = torch.rand(x0.shape, device=x0.device, generator=generator)
+    if u is None:
+        u = torch.rand(x0.shape, device=x0.device, generator=generator)
     return torch.where(u < move_chance, torch.full_like(x0, mask_index), x0)
 
 
@@ -422,16 +469,16 @@ class MDLM(Algorithm):
             return ((log_m - f0) / (f1 - f0)).to(sigma.dtype)
         return sigma
 
-    def sample_t(self, n: int, device: torch.device | str = "cpu") -> Tensor:
-        """Times (n,) for a batch: continuous, snapped to the T grid, or log-uniform in m."""
+    def sample_t(self, n: int, device: torch.device | str = "cpu", u: Tensor | None = None) -> Tensor:
+        """Times (n,) for a batch: continuous, snapped to the T grid, or log-uniform in m (``u``: given uniforms)."""
         if self.T > 0:
-            return discrete_times(sample_times(n, 0.0, self.antithetic_sampling, device), self.T)
+            return discrete_times(sample_times(n, 0.0, self.antithetic_sampling, device, u=u), self.T)
         if self.log_uniform:
-            u = sample_times(n, 0.0, self.antithetic_sampling, device).double()
+            u = sample_times(n, 0.0, self.antithetic_sampling, device, u=u).double()
             f0, f1 = self.log_move_chance_range(device)
             t = self.noise.inverse_move_chance(torch.exp(f0 + u * (f1 - f0)))
             return t.clamp(self.sampling_eps, 1.0).float()
-        return sample_times(n, self.sampling_eps, self.antithetic_sampling, device)
+        return sample_times(n, self.sampling_eps, self.antithetic_sampling, device, u=u)
 
     def diffusion_nll(self, backbone: Backbone, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
         """Per-token loss (B, L) at times t (B,) drawn by :meth:`sample_t`, for xt ~ q(xt | x0)."""
@@ -447,12 +494,13 @@ class MDLM(Algorithm):
         return subs_nelbo(logits, x0, xt, self.mask_index, weight)
 
     def loss(
-        self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor, padded: bool | None = None
+        self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor, padded: bool | None = None,
+        draws: Draws | None = None,
     ) -> LossOutput:
         """Per-token NELBO (B, L) for one time sample per sequence; padding scores 0 and is not attended to."""
         backbone = self.with_padding_mask(backbone, attention_mask, padded)
-        t = self.sample_t(x0.shape[0], x0.device)
-        xt = q_xt(x0, self.noise.move_chance(t)[:, None], self.mask_index)
+        t = self.sample_t(x0.shape[0], x0.device, u=None if draws is None else draws.time)
+        xt = q_xt(x0, self.noise.move_chance(t)[:, None], self.mask_index, u=None if draws is None else draws.mask)
         nll = self.diffusion_nll(backbone, x0, xt, t)
         return LossOutput(nll=nll * attention_mask, mask=attention_mask)
 
@@ -481,9 +529,9 @@ class D3PM(Algorithm):
             if getattr(self, option):
                 self.reject(option, "it applies only to the continuous-time subs loss; set it to false.")
 
-    def sample_t(self, n: int, device: torch.device | str = "cpu") -> Tensor:
-        """Grid times (n,) on {1/T, ..., 1}, uniform over the T steps."""
-        return discrete_times(sample_times(n, 0.0, self.antithetic_sampling, device), self.T)
+    def sample_t(self, n: int, device: torch.device | str = "cpu", u: Tensor | None = None) -> Tensor:
+        """Grid times (n,) on {1/T, ..., 1}, uniform over the T steps (``u``: given uniforms)."""
+        return discrete_times(sample_times(n, 0.0, self.antithetic_sampling, device, u=u), self.T)
 
     def diffusion_nll(self, backbone: Backbone, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
         """``T * KL`` per token (B, L) at grid times t (B,), for xt ~ q(xt | x0)."""
@@ -492,24 +540,26 @@ class D3PM(Algorithm):
         move_chance_t, move_chance_s = self.step_move_chances(t)
         return self.T * d3pm_kl(log_p, x0, xt, move_chance_t, move_chance_s, self.mask_index)
 
-    def reconstruction_nll(self, backbone: Backbone, x0: Tensor) -> Tensor:
-        """``-log p_theta(x0 | z_0)`` per token (B, L), z_0 ~ q(. | x0) at t = 0."""
+    def reconstruction_nll(self, backbone: Backbone, x0: Tensor, u: Tensor | None = None) -> Tensor:
+        """``-log p_theta(x0 | z_0)`` per token (B, L), z_0 ~ q(. | x0) at t = 0 (``u``: given uniforms)."""
         level = self.noise(torch.zeros(x0.shape[0], device=x0.device))
-        z0 = q_xt(x0, level.move_chance[:, None], self.mask_index)
+        z0 = q_xt(x0, level.move_chance[:, None], self.mask_index, u=u)
         log_p = d3pm_log_probs(backbone(z0, self.conditioning(level.sigma)), self.mask_index, self.subs_masking)
         return -log_p.gather(-1, x0[..., None]).squeeze(-1)
 
     def loss(
-        self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor, padded: bool | None = None
+        self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor, padded: bool | None = None,
+        draws: Draws | None = None,
     ) -> LossOutput:
         """Per-token NELBO (B, L): diffusion term at one time per sequence plus reconstruction.
 
         Padding scores 0 and is not attended to.
         """
         backbone = self.with_padding_mask(backbone, attention_mask, padded)
-        t = self.sample_t(x0.shape[0], x0.device)
-        xt = q_xt(x0, self.noise.move_chance(t)[:, None], self.mask_index)
-        nll = self.diffusion_nll(backbone, x0, xt, t) + self.reconstruction_nll(backbone, x0)
+        t = self.sample_t(x0.shape[0], x0.device, u=None if draws is None else draws.time)
+        xt = q_xt(x0, self.noise.move_chance(t)[:, None], self.mask_index, u=None if draws is None else draws.mask)
+        nll = self.diffusion_nll(backbone, x0, xt, t) + self.reconstruction_nll(
+            backbone, x0, None if draws is None else draws.mask)
         return LossOutput(nll=nll * attention_mask, mask=attention_mask)
 
 
@@ -533,9 +583,9 @@ class SEDD(Algorithm):
             if getattr(self, option):
                 self.reject(option, "it applies only to the subs / d3pm parameterizations; set it to false.")
 
-    def sample_t(self, n: int, device: torch.device | str = "cpu") -> Tensor:
-        """Continuous times (n,) in [sampling_eps, 1]."""
-        return sample_times(n, self.sampling_eps, self.antithetic_sampling, device)
+    def sample_t(self, n: int, device: torch.device | str = "cpu", u: Tensor | None = None) -> Tensor:
+        """Continuous times (n,) in [sampling_eps, 1] (``u``: given uniforms)."""
+        return sample_times(n, self.sampling_eps, self.antithetic_sampling, device, u=u)
 
     def diffusion_nll(self, backbone: Backbone, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
         """``dsigma * score entropy`` per token (B, L) at times t (B,), for xt ~ q(xt | x0)."""
@@ -544,12 +594,13 @@ class SEDD(Algorithm):
         return level.dsigma.float()[:, None] * score_entropy(log_score, x0, xt, level.sigma, self.mask_index)
 
     def loss(
-        self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor, padded: bool | None = None
+        self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor, padded: bool | None = None,
+        draws: Draws | None = None,
     ) -> LossOutput:
         """Per-token loss (B, L) for one time sample per sequence; padding scores 0 and is not attended to."""
         backbone = self.with_padding_mask(backbone, attention_mask, padded)
-        t = self.sample_t(x0.shape[0], x0.device)
-        xt = q_xt(x0, self.noise.move_chance(t)[:, None], self.mask_index)
+        t = self.sample_t(x0.shape[0], x0.device, u=None if draws is None else draws.time)
+        xt = q_xt(x0, self.noise.move_chance(t)[:, None], self.mask_index, u=None if draws is None else draws.mask)
         nll = self.diffusion_nll(backbone, x0, xt, t)
         return LossOutput(nll=nll * attention_mask, mask=attention_mask)
 
@@ -581,7 +632,8 @@ class AR(Algorithm):
                             f"remove the {option} override.")
 
     def loss(
-        self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor, padded: bool | None = None
+        self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor, padded: bool | None = None,
+        draws: Draws | None = None,
     ) -> LossOutput:
         """Per-token next-token NLL (B, L - 1); padding scores 0 and is not attended to."""
         backbone = self.with_padding_mask(backbone, attention_mask[:, :-1], False if padded is False else None)

@@ -768,6 +768,19 @@ class ResumableSampler(Sampler):
         return iter([(epoch, i) for i in indices] if self.with_epoch else indices)
 
 
+class Indexed(Dataset):
+    """Adds each item's position in the data set as ``"index"`` (what evaluation seeds its noise with)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return {**self.dataset[index], "index": torch.tensor(index)}
+
+
 class ShardSampler(Sampler):
     """Evaluation order: process ``r`` of ``W`` takes items ``r, r + W, ...``, no padding, no duplicates."""
 
@@ -824,7 +837,7 @@ class DataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         rank, world_size = self._world()
-        dataset = self.data.valid_dataset()
+        dataset = Indexed(self.data.valid_dataset())
         return self._loader(dataset, self.eval_batch_size, ShardSampler(len(dataset), world_size, rank), False)
 
     def state_dict(self) -> dict[str, int]:

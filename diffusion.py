@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from algorithms import Algorithm, LossOutput
+from algorithms import Algorithm, Draws, LossOutput, item_draws
 from metrics import NLLMetric
 from models.ema import ExponentialMovingAverage
-from samplers import ARSampler, SampleOutput, Sampler
+from samplers import ARSampler, SampleOutput, Sampler, semi_ar_sample
 
 
 def step_seed(seed: int, rank: int, epoch: int, batch_idx: int) -> int:
@@ -56,6 +56,7 @@ class Diffusion(L.LightningModule):
         ema_decay: float = 0.9999,
         run_config: dict[str, Any] | None = None,
         seed: int = 0,
+        mc_samples: int = 1,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -64,8 +65,14 @@ class Diffusion(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.run_config = run_config
         self.seed = seed
+        if mc_samples < 1:
+            raise ValueError(f"eval.mc_samples must be >= 1; got {mc_samples}")
+        self.mc_samples = mc_samples
         self.ema = ExponentialMovingAverage(self.trainable_parameters(), ema_decay) if ema_decay > 0 else None
         self.val_metric = NLLMetric()
+        # Optional (set by main.py): module -> {"gen_ppl": ..., "entropy": ...} for a few samples,
+        # logged after each validation (eval.compute_generative_perplexity during training).
+        self.sample_evaluator: Callable[[Diffusion], dict[str, float]] | None = None
         self.last_val: dict[str, float] = {}
 
     # ----------------------------------------------------------------- parameters, EMA
@@ -114,8 +121,10 @@ class Diffusion(L.LightningModule):
             batch["padded"] = not bool(batch["attention_mask"].all())
         return batch
 
-    def _loss(self, batch: dict[str, Any]) -> LossOutput:
-        return self.algorithm.loss(self.backbone, batch["input_ids"], batch["attention_mask"], batch.get("padded"))
+    def _loss(self, batch: dict[str, Any], draws: Draws | None = None) -> LossOutput:
+        return self.algorithm.loss(
+            self.backbone, batch["input_ids"], batch["attention_mask"], batch.get("padded"), draws=draws
+        )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         torch.manual_seed(step_seed(self.seed, self.global_rank, self.current_epoch, batch_idx))
@@ -140,8 +149,20 @@ class Diffusion(L.LightningModule):
         self._ema_context.__enter__()
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        out = self._loss(batch)
-        self.val_metric.update(out.nll.sum(-1), out.mask.sum(-1), batch.get("true_nll"))
+        """Per-sequence NLL averaged over ``mc_samples`` time / mask draws.
+
+        With the data-set ``index`` of each sequence in the batch (validation loaders of
+        :class:`dataloader.DataModule`), the draws are :func:`algorithms.item_draws`: the result
+        does not depend on the batch size or on the number of processes.
+        """
+        nll_sum = 0.0
+        for sample in range(self.mc_samples):
+            draws = None
+            if "index" in batch:
+                draws = item_draws(batch["index"], batch["input_ids"].shape[1], self.seed, sample, self.mc_samples)
+            out = self._loss(batch, draws)
+            nll_sum = nll_sum + out.nll.sum(-1, dtype=torch.float64)
+        self.val_metric.update(nll_sum / self.mc_samples, out.mask.sum(-1), batch.get("true_nll"))
 
     def on_validation_epoch_end(self) -> None:
         results = {k: float(v) for k, v in self.val_metric.compute().items()}
@@ -151,6 +172,9 @@ class Diffusion(L.LightningModule):
         for key in ("nll", "bpd", "ppl", "true_nll", "gap"):
             if key in results:
                 self.log(f"val/{key}", results[key], prog_bar=key in ("nll", "true_nll"))
+        if self.sample_evaluator is not None and not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            for key, value in self.sample_evaluator(self).items():
+                self.log(f"val/{key}", value, rank_zero_only=True)
 
     # ----------------------------------------------------------------- sampling
     @torch.no_grad()
@@ -160,19 +184,25 @@ class Diffusion(L.LightningModule):
         x: Tensor,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        semi_ar: tuple[int, int] | None = None,
     ) -> SampleOutput:
         """Fill the masked positions of ``x`` (B, L) with the EMA weights in eval mode.
 
         Diffusion samplers get the algorithm's denoiser; the AR sampler drives the causal
-        backbone (and its KV cache) directly.
+        backbone (and its KV cache) directly. ``semi_ar = (stride_length, num_strides)``:
+        semi-autoregressive continuation (:func:`samplers.semi_ar_sample`), output
+        ``(B, L + num_strides * stride_length)``.
         """
         was_training = self.training
         self.eval()
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else contextlib.nullcontext()
         try:
             with self.ema_weights(), autocast:
-                ar = isinstance(sampler, ARSampler)
-                model = self.backbone if ar else self.algorithm.denoiser(self.backbone)
-                return sampler.sample(model, x, generator=generator, progress=progress)
+                if isinstance(sampler, ARSampler):
+                    return sampler.sample(self.backbone, x, generator=generator, progress=progress)
+                denoiser = self.algorithm.denoiser(self.backbone)
+                if semi_ar is not None:
+                    return semi_ar_sample(sampler, denoiser, x, *semi_ar, generator=generator, progress=progress)
+                return sampler.sample(denoiser, x, generator=generator, progress=progress)
         finally:
             self.train(was_training)

@@ -6,10 +6,9 @@ dispatches on ``mode`` through :data:`MODES`.
 
 from __future__ import annotations
 
+import csv
 import functools
 import json
-import math
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -26,33 +25,19 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import utils
 from algorithms import build_algorithm
-from dataloader import DataModule, block_special_ids, decode, vocab_and_mask
+from dataloader import DataModule, vocab_and_mask
 from diffusion import Diffusion
-from samplers import ARSampler, Sampler, build_sampler
+from generation import generate_samples, load_scorer, print_samples, sample_evaluator, score_samples
 
+CORPUS_TARGET = "dataloader.CorpusData"  # the data configs that eval.datasets can name
 # Config keys that define the network; for evaluation they come from the checkpoint. (T is
 # not one: a continuous-time model can be evaluated with any discrete T.)
 ARCHITECTURE_KEYS = ("model", "backbone", "noise", "parameterization", "time_conditioning", "subs_masking")
 
 
 # --------------------------------------------------------------------------- building blocks
-def check_supported(cfg: DictConfig) -> None:
-    """Reject options whose implementation has not landed yet, instead of ignoring them."""
-    pending = {
-        "sampling.semi_ar": (cfg.sampling.semi_ar, "semi-autoregressive sampling is not implemented yet"),
-        "eval.compute_generative_perplexity": (
-            cfg.eval.compute_generative_perplexity,
-            "generative perplexity is not implemented yet",
-        ),
-    }
-    for key, (active, reason) in pending.items():
-        if active:
-            raise ValueError(f"{key}={OmegaConf.select(cfg, key)}: {reason}. Remove the override.")
-
-
 def validate_config(cfg: DictConfig) -> None:
     """Reject invalid combinations before any data is loaded, naming the valid choices."""
-    check_supported(cfg)
     backbone = HydraConfig.get().runtime.choices.get("backbone")
     if (cfg.parameterization == "ar") != (backbone == "ar"):
         raise ValueError(
@@ -100,6 +85,7 @@ def build_module(cfg: DictConfig, vocab_size: int, mask_index: int) -> Diffusion
         ema_decay=cfg.training.ema,
         run_config=OmegaConf.to_container(cfg, resolve=True),
         seed=cfg.seed,
+        mc_samples=cfg.eval.mc_samples,
     )
 
 
@@ -215,78 +201,12 @@ def report_likelihood(results: dict[str, float], title: str) -> None:
     print()
 
 
-def make_sampler(cfg: DictConfig, module: Diffusion, mask_index: int) -> Sampler | ARSampler:
-    """The sampler for this parameterization: ``sampling.predictor``, or the AR sampler for ``ar``."""
-    s = cfg.sampling
-    if cfg.parameterization == "ar":
-        return ARSampler(mask_index, temperature=s.temperature, top_p=s.top_p, use_cache=s.kv_cache)
-    options: dict[str, Any] = {"time_conditioning": cfg.time_conditioning} if s.predictor == "ddpm_cache" else {}
-    noise = module.algorithm.noise
-    return build_sampler(s.predictor, noise=noise, mask_index=mask_index, steps=s.steps, eps=s.eps,
-                         noise_removal=s.noise_removal, **options)
-
-
-def generate_samples(
-    cfg: DictConfig, module: Diffusion, data: Any, mask_index: int, num_batches: int, batch_size: int
-) -> list[dict[str, Any]]:
-    """Sample ``num_batches`` batches; one record per sample (text, sampler, steps, nfe, seconds, seed)."""
-    accelerator, _ = utils.resolve_accelerator(cfg.trainer.accelerator, 1)
-    device = torch.device("cuda" if accelerator == "cuda" else "cpu")
-    module.to(device)
-    sampler = make_sampler(cfg, module, mask_index)
-    prefix_id = block_special_ids(data.tokenizer)[0]  # BOS, the AR sampler's given first token
-    records = []
-    for batch_index in range(num_batches):
-        seed = cfg.seed * 1_000_003 + batch_index
-        generator = torch.Generator(device).manual_seed(seed)
-        x = torch.full((batch_size, cfg.model.length), mask_index, dtype=torch.long, device=device)
-        if isinstance(sampler, ARSampler):
-            x[:, 0] = prefix_id
-        start = time.perf_counter()
-        out = module.generate(sampler, x, generator=generator, progress=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        texts = decode(data.tokenizer, out.tokens.cpu(), mask_index)
-        true_nll = data.true_nll_of(out.tokens.cpu()) if getattr(data, "has_true_nll", False) else None
-        for i, text in enumerate(texts):
-            record = {
-                "text": text,
-                "sampler": cfg.sampling.predictor,
-                "steps": cfg.sampling.steps,
-                "nfe": out.nfe,
-                "seconds": seconds / batch_size,
-                "seed": seed,
-                "index_in_batch": i,
-            }
-            if true_nll is not None:
-                record["true_nll_per_token"] = float(true_nll[i]) / cfg.model.length
-            records.append(record)
-    return records
-
-
-def print_samples(records: list[dict[str, Any]], limit: int) -> None:
-    for r in records[:limit]:
-        where = f"seed {r['seed']}, #{r['index_in_batch']}"
-        print(f"--- sample ({where}, {r['sampler']}, {r['steps']} steps, NFE {r['nfe']})")
-        print(r["text"])
-    if records:
-        seconds = sum(r["seconds"] for r in records) / len(records)
-        print(f"--- {len(records)} samples, {seconds:.3f} s/sample, NFE {records[0]['nfe']}")
-        scored = [r["true_nll_per_token"] for r in records if "true_nll_per_token" in r]
-        possible = [v for v in scored if math.isfinite(v)]
-        if scored:
-            mean = f"{sum(possible) / len(possible):.4f} nats/token" if possible else "n/a"
-            print(
-                f"--- {len(possible)}/{len(scored)} samples are possible under the source (the rest contain a word "
-                f"pair or a BOS/EOS placement it never produces); their true NLL: {mean}"
-            )
-
-
 # --------------------------------------------------------------------------- modes
 def train(cfg: DictConfig, run_dir: Path) -> None:
     data, vocab_size, mask_index = build_data(cfg)
     module = build_module(cfg, vocab_size, mask_index)
+    if cfg.eval.compute_generative_perplexity:
+        module.sample_evaluator = sample_evaluator(cfg, data, mask_index)
     trainer, train_plan, eval_plan = build_trainer(cfg, run_dir)
     print(
         f"Batch: {train_plan.per_device} per device x {train_plan.world_size} processes "
@@ -312,17 +232,67 @@ def train(cfg: DictConfig, run_dir: Path) -> None:
     print(f"Sample:    {prefix} mode=sample_eval eval.checkpoint_path={ckpt_path}")
 
 
+def eval_data_config(cfg: DictConfig, name: str) -> DictConfig:
+    """The config of data set ``name`` for zero-shot evaluation of the model in ``cfg``.
+
+    The corpus is the validation corpus of ``configs/data/<name>.yaml``; tokenizer, block size,
+    wrapping, EOS insertion and cache come from the model's own data config (``data=...``), so
+    every data set is prepared exactly as the model's training data was. ``eval.data_paths.<name>``
+    points to a local copy.
+    """
+    folder = Path(__file__).resolve().parent / "configs" / "data"
+    choices = sorted(p.stem for p in folder.glob("*.yaml") if OmegaConf.load(p).get("_target_") == CORPUS_TARGET)
+    if name not in choices:
+        raise ValueError(f"eval.datasets: {name!r} is not a data set config; valid: {choices}")
+    base = cfg.data
+    if "tokenizer_name_or_path" not in base:
+        raise ValueError(
+            f"eval.datasets needs the model's tokenizer, but data={base.name} has its own built-in vocabulary. "
+            "Pass the data config the model was trained with, e.g. data=openwebtext-split."
+        )
+    own = OmegaConf.load(folder / f"{name}.yaml")
+    paths = cfg.eval.get("data_paths") or {}
+    return OmegaConf.merge(own, {
+        "name": name, "tokenizer_name_or_path": base.tokenizer_name_or_path, "block_size": cfg.model.length,
+        "wrap": base.get("wrap", True), "insert_valid_eos": base.get("insert_valid_eos", True),
+        "cache_dir": base.get("cache_dir"), "num_proc": base.get("num_proc"), "seed": cfg.seed,
+        "streaming": False, "path": paths.get(name), "valid_path": None,
+    })
+
+
+@rank_zero_only
+def report_table(results: dict[str, dict[str, float]], path: Path) -> None:
+    """Print the per-data-set table and write it as CSV."""
+    columns = ("num_tokens", "nll", "nll_stderr", "bpd", "ppl")
+    print("| data set | tokens | NLL (nats/token) | ± | BPD | PPL |\n|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {int(r['num_tokens']):,} | {r['nll']:.4f} | {r['nll_stderr']:.4f} | {r['bpd']:.4f} "
+              f"| {r['ppl']:.2f} |")
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["data", *columns])
+        for name, r in results.items():
+            writer.writerow([name, *(r[c] for c in columns)])
+
+
 def ppl_eval(cfg: DictConfig, run_dir: Path) -> None:
     data, vocab_size, mask_index = build_data(cfg)
     module = load_for_eval(cfg, vocab_size, mask_index)
     trainer, train_plan, eval_plan = build_trainer(cfg, run_dir)
-    trainer.validate(module, datamodule=make_datamodule(cfg, data, train_plan, eval_plan), verbose=False)
-    results = module.last_val
-    report_likelihood(results, f"Perplexity evaluation of {cfg.eval.checkpoint_path} on {cfg.data.name}")
+    names = list(cfg.eval.datasets) or [cfg.data.name]
+    results: dict[str, dict[str, float]] = {}
+    for name in names:
+        dataset = data if name == cfg.data.name and not cfg.eval.datasets else instantiate(eval_data_config(cfg, name))
+        trainer.validate(module, datamodule=make_datamodule(cfg, dataset, train_plan, eval_plan), verbose=False)
+        results[name] = module.last_val
+        report_likelihood(module.last_val, f"Perplexity of {cfg.eval.checkpoint_path} on {name}")
     if trainer.is_global_zero:
-        payload = {**results, "checkpoint": str(cfg.eval.checkpoint_path), "data": cfg.data.name}
+        if len(results) > 1:
+            report_table(results, run_dir / "eval_results.csv")
+        payload = {**results[names[0]], "data": names[0], "checkpoint": str(cfg.eval.checkpoint_path),
+                   "mc_samples": cfg.eval.mc_samples, "datasets": results}
         utils.write_json(run_dir / "eval_results.json", payload)
-        print(f"Wrote {run_dir / 'eval_results.json'}")
+        print(f"Wrote {run_dir / 'eval_results.json'}{' and eval_results.csv' if len(results) > 1 else ''}")
 
 
 def sample_eval(cfg: DictConfig, run_dir: Path) -> None:
@@ -331,14 +301,24 @@ def sample_eval(cfg: DictConfig, run_dir: Path) -> None:
     _, devices = utils.resolve_accelerator(cfg.trainer.accelerator, cfg.trainer.devices)
     world_size = devices * cfg.trainer.num_nodes
     eval_plan = utils.plan_batches(cfg.loader.eval_global_batch_size, world_size, cfg.loader.eval_batch_size)
+    scorer = load_scorer(cfg) if cfg.eval.compute_generative_perplexity else None  # fail early, load once
     records = generate_samples(cfg, module, data, mask_index, cfg.sampling.num_sample_batches, eval_plan.per_device)
+    summary = score_samples(records, data.tokenizer, scorer, cfg.eval.gen_ppl_truncate_at_eos)
     path = run_dir / "samples.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")
     print_samples(records, len(records))
-    print(f"Wrote {path}")
+    s = cfg.sampling
+    summary.update(checkpoint=str(cfg.eval.checkpoint_path), sampler=records[0]["sampler"], steps=s.steps,
+                   nfe=records[0]["nfe"], length=records[0]["length"], float64=bool(s.float64), semi_ar=bool(s.semi_ar),
+                   eval_model=cfg.eval.gen_ppl_eval_model if scorer else None)
+    utils.write_json(run_dir / "sample_results.json", summary)
+    if scorer is not None:
+        print(f"--- generative perplexity ({cfg.eval.gen_ppl_eval_model}): {summary['gen_ppl']:.3f} over "
+              f"{summary['num_tokens']:,} tokens; mean unigram entropy {summary['mean_entropy']:.3f} nats")
+    print(f"Wrote {path} and {run_dir / 'sample_results.json'}")
 
 
 MODES: dict[str, Callable[[DictConfig, Path], None]] = {

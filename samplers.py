@@ -16,10 +16,15 @@ the last step, positions still masked are optionally set to ``argmax p_theta(x_0
 
 Positions of the initial ``x`` that are not the mask token are kept as given, so the same
 call samples unconditionally (all-mask input) or fills in a prefix / infilling template.
+(:mod:`conditioning` builds such templates from text.) :func:`semi_ar_sample` chains
+windows to generate sequences longer than the model's length (semi-autoregressive sampling).
 
 The ``analytic`` sampler (:class:`AnalyticSampler`, for SEDD) takes a score function
 ``x_t, sigma -> log p_t(y) / p_t(x_t)`` in place of the denoiser; with the exact score its
 steps are the same exact reverse steps.
+
+The categorical draws run in float64 by default; ``dtype=torch.float32`` reproduces float32
+samplers, whose truncated tail lowers the effective temperature (:func:`sample_categorical`).
 
 New samplers subclass :class:`Sampler`, implement ``sample`` and get an entry in
 :data:`SAMPLERS` and a config file.
@@ -58,30 +63,59 @@ class SampleOutput:
     nfe: int        # number of denoiser calls made, the noise-removal call included
 
 
-def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+# Precisions the categorical draws may run in; float64 is the default (see sample_categorical).
+SAMPLING_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
+
+
+def check_sampling_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``torch.float32`` or ``torch.float64`` (also given by name, as in a config); ``ValueError`` otherwise."""
+    resolved = SAMPLING_DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    if resolved not in SAMPLING_DTYPES.values():
+        raise ValueError(
+            f"sampling dtype must be torch.float32 or torch.float64 (or 'float32' / 'float64'), got {dtype!r}."
+        )
+    return resolved
+
+
+def sample_categorical(
+    probs: Tensor, generator: torch.Generator | None = None, dtype: torch.dtype | str = torch.float64
+) -> Tensor:
     """Draw one index per row of ``probs`` (..., V), with probability ``probs / probs.sum(-1)``.
 
     Exponential race (equivalent to the Gumbel-max trick): with ``E_v ~ Exp(1)`` i.i.d.,
     ``argmax_v probs_v / E_v`` is distributed as the normalised ``probs``, so rows need not be
-    normalised (any positive scale per row gives the same draw for the same noise).
+    normalised (any positive scale per row gives the same draw for the same noise). The
+    arithmetic runs in ``dtype``, whatever the input dtype:
 
-    Everything runs in float64, whatever the input dtype. With float32 noise the smallest
-    representable uniforms cap the Gumbel / exponential tail, so categories below roughly
-    1e-8 relative probability can never win: sampling acts like a lowered temperature and
-    makes generative perplexity look better than it is (Zheng et al. 2024, arXiv 2409.02908).
-    float64 also keeps tiny unnormalised masses from underflowing to zero.
+    * float64 (default): ``E`` from ``Tensor.exponential_`` in float64 (53-bit uniforms).
+    * float32: ``E = -log U`` with ``U`` a float32 uniform (24 random bits), i.e. float32
+      Gumbel-max (``G = -log E``), the noise of the original MDLM code up to its 1e-10
+      offsets (``1e-10 - log(U + 1e-10)``). Then
+      ``E in [-log(1 - 2^-24), -log(tiny)] = [6e-8, 87]``, and ``E <= 16.6`` unless ``U = 0``
+      (probability 2^-24): a category below about ``6e-8 / 16.6 = 4e-9`` of the largest
+      probability practically never wins, and the tail up to ~1e-7 is under-sampled. The
+      truncated tail acts like a lowered temperature and makes generative perplexity look
+      better than it is (Zheng et al. 2024, arXiv 2409.02908). float32 also underflows
+      unnormalised masses below ~1e-38 to zero. Use it only to reproduce float32 samplers.
 
     Args:
         probs: (..., V) non-negative, unnormalised probabilities, any float dtype.
-        generator: source of the exponential noise, for reproducible draws.
+        generator: source of the noise, for reproducible draws.
+        dtype: ``torch.float64`` or ``torch.float32`` (or their names).
 
     Returns:
         (...,) long indices in ``[0, V)``.
     """
-    probs = probs.to(torch.float64)
-    noise = torch.empty_like(probs).exponential_(generator=generator)  # (..., V) float64
-    # E = 0 has probability ~2^-53 per draw; 0 / 0 would be NaN, which argmax would pick.
-    noise.clamp_min_(torch.finfo(torch.float64).tiny)
+    dtype = check_sampling_dtype(dtype)
+    probs = probs.to(dtype)
+    tiny = torch.finfo(dtype).tiny
+    if dtype == torch.float64:
+        noise = torch.empty_like(probs).exponential_(generator=generator)  # (..., V)
+        # E = 0 has probability ~2^-53 per draw; 0 / 0 would be NaN, which argmax would pick.
+        noise.clamp_min_(tiny)
+    else:  # float32 uniforms made explicit: on CPU, exponential_ computes in float64 and rounds
+        noise = torch.rand(probs.shape, dtype=dtype, device=probs.device, generator=generator)
+        noise = noise.clamp_min_(tiny).log_().neg_()  # (..., V), -log U >= 6e-8 > 0
     return torch.div(probs, noise, out=noise).argmax(dim=-1)  # in place: V can be 50k
 
 
@@ -96,6 +130,9 @@ class Sampler(abc.ABC):
         eps: final time; the grid is ``linspace(1, eps, steps + 1)``.
         noise_removal: after the last step, set positions still masked to the argmax of
             the denoiser at ``t = eps``.
+        dtype: precision of the categorical draws (the uniform / exponential noise and the
+            step's probabilities): ``torch.float64`` (default) or ``torch.float32``, which
+            truncates the tail (see :func:`sample_categorical`). The time grid is float64.
     """
 
     name: ClassVar[str]
@@ -107,6 +144,7 @@ class Sampler(abc.ABC):
         steps: int,
         eps: float = 1e-5,
         noise_removal: bool = True,
+        dtype: torch.dtype | str = torch.float64,
     ) -> None:
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
             raise ValueError(f"sampler steps must be an integer >= 1, got {steps!r}.")
@@ -119,6 +157,7 @@ class Sampler(abc.ABC):
         self.steps = int(steps)
         self.eps = float(eps)
         self.noise_removal = noise_removal
+        self.dtype = check_sampling_dtype(dtype)
 
     @abc.abstractmethod
     def sample(
@@ -133,7 +172,7 @@ class Sampler(abc.ABC):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(steps={self.steps}, eps={self.eps}, "
-            f"mask_index={self.mask_index}, noise_removal={self.noise_removal})"
+            f"mask_index={self.mask_index}, noise_removal={self.noise_removal}, dtype={self.dtype})"
         )
 
     # ---- shared pieces ------------------------------------------------------------------
@@ -172,7 +211,8 @@ class Sampler(abc.ABC):
         It is drawn in two stages with the same law: the position unmasks with probability
         ``(m_t - m_s) / m_t``, which does not depend on the model, and only the unmasking
         positions draw a token from ``p``. With ``steps >> L`` few positions unmask per
-        step, so this avoids a float64 draw over (masked positions x V) on every step.
+        step, so this avoids a draw over (masked positions x V) on every step. All of it runs
+        in ``self.dtype`` (float64 by default).
         Noise is drawn in row-major order, so two samplers on the same trajectory consume
         the same numbers.
 
@@ -187,16 +227,16 @@ class Sampler(abc.ABC):
         masked = x == self.mask_index  # (B, L)
         if not masked.any():
             return x
-        m_t = self.noise.move_chance(t).to(torch.float64)
-        m_s = self.noise.move_chance(s).to(torch.float64)
-        u = torch.rand(x.shape, dtype=torch.float64, device=x.device, generator=generator)  # (B, L)
+        m_t = self.noise.move_chance(t).to(self.dtype)
+        m_s = self.noise.move_chance(s).to(self.dtype)
+        u = torch.rand(x.shape, dtype=self.dtype, device=x.device, generator=generator)  # (B, L)
         unmask = masked & (u * m_t < m_t - m_s)  # P = (m_t - m_s) / m_t, without dividing
         if not unmask.any():
             return x
-        probs = log_p[unmask].to(torch.float64).exp_()  # (N, V), N unmasking positions
+        probs = log_p[unmask].to(self.dtype).exp_()  # (N, V), N unmasking positions
         probs[:, self.mask_index] = 0.0
         x_s = x.clone()
-        x_s[unmask] = sample_categorical(probs, generator)
+        x_s[unmask] = sample_categorical(probs, generator, self.dtype)
         return x_s
 
     def _remove_noise(self, log_p: Tensor, x: Tensor) -> Tensor:
@@ -264,8 +304,9 @@ class DDPMCacheSampler(Sampler):
         eps: float = 1e-5,
         noise_removal: bool = True,
         time_conditioning: bool = False,
+        dtype: torch.dtype | str = torch.float64,
     ) -> None:
-        super().__init__(noise, mask_index, steps, eps=eps, noise_removal=noise_removal)
+        super().__init__(noise, mask_index, steps, eps=eps, noise_removal=noise_removal, dtype=dtype)
         self.time_conditioning = time_conditioning
 
     @torch.no_grad()
@@ -309,7 +350,7 @@ def staggered_score(score: Tensor, dsigma: Tensor, mask_index: int) -> Tensor:
     ``s'_mask += (1 - e^{dsigma}) sum_v s_v``.
 
     Args:
-        score: (N, V) ratios p_t(y) / p_t(x), float64 for accuracy.
+        score: (N, V) ratios p_t(y) / p_t(x), in the sampling dtype (float64 for accuracy).
         dsigma: 0-dim, the noise removed by the step.
     """
     out = score * dsigma.exp()
@@ -342,8 +383,8 @@ class AnalyticSampler(Sampler):
     the exact score ``s_v = p(x_0 = v | x_t) / expm1(sigma_t)`` this is the exact reverse step
     ``(alpha_s - alpha_t) / (1 - alpha_t) p(v | x_t)``, the ancestral step of the other samplers.
     Unmasked positions have ``probs = [y = x_t]`` whatever the score, so they are copied and only
-    masked positions are computed (in float64). A negative stay-masked mass, possible with an
-    inexact score, is clipped to 0.
+    masked positions are computed (in ``self.dtype``, float64 by default). A negative stay-masked
+    mass, possible with an inexact score, is clipped to 0.
 
     After the last step, noise removal (if on) is the same update at ``t = eps`` with
     ``dsigma = sigma(eps)``, i.e. down to sigma = 0, with the mask excluded: masked positions
@@ -385,13 +426,14 @@ class AnalyticSampler(Sampler):
         masked = x == self.mask_index  # (B, L)
         if not masked.any():
             return x
-        score = log_score[masked].to(torch.float64).exp()  # (N, V)
+        score = log_score[masked].to(self.dtype).exp()  # (N, V)
+        dsigma = dsigma.to(self.dtype)  # the difference itself is taken in float64
         transition = transposed_transition(x[masked], dsigma, score.shape[-1], self.mask_index)
         probs = staggered_score(score, dsigma, self.mask_index) * transition  # (N, V)
         if final:
             probs[:, self.mask_index] = 0.0
         x = x.clone()
-        x[masked] = sample_categorical(probs.clamp_min_(0.0), generator)
+        x[masked] = sample_categorical(probs.clamp_min_(0.0), generator, self.dtype)
         return x
 
 
@@ -411,13 +453,82 @@ def build_sampler(predictor: str, **kwargs: Any) -> Sampler:
     return SAMPLERS[predictor](**kwargs)
 
 
+def _check_semi_ar(sampler: Sampler, x: Tensor, stride_length: int, num_strides: int) -> None:
+    """Raise a clear error unless the arguments of :func:`semi_ar_sample` make sense."""
+    if not isinstance(sampler, Sampler):
+        raise TypeError(f"semi-AR sampling needs a diffusion Sampler, got {type(sampler).__name__}.")
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a (batch, length) tensor, got {getattr(x, 'shape', type(x).__name__)}.")
+    length = x.shape[1]
+
+    def is_int(value: object) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    if not is_int(stride_length) or not 1 <= stride_length < length:
+        raise ValueError(
+            f"stride_length must be an integer in [1, L - 1] = [1, {length - 1}] for windows of "
+            f"length L = {length}, got {stride_length!r}."
+        )
+    if not is_int(num_strides) or num_strides < 0:
+        raise ValueError(f"num_strides must be an integer >= 0, got {num_strides!r}.")
+
+
+@torch.no_grad()
+def semi_ar_sample(
+    sampler: Sampler,
+    denoiser: Denoiser,
+    x: Tensor,
+    stride_length: int,
+    num_strides: int,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> SampleOutput:
+    """Semi-autoregressive generation (MDLM paper): sequences longer than the model's window.
+
+    The first window is ``x`` (B, L) itself, generated by ``sampler`` (given tokens kept).
+    Then ``num_strides`` times: the last ``L - S`` tokens of the previous window (S =
+    ``stride_length``) become the fixed prefix of the next one, followed by S masks, and the
+    sampler generates them. Window ``k`` covers output positions ``[k S, k S + L)``:
+
+        window_0 = sample(x),   window_k = sample(window_{k-1}[:, S:] ++ [mask] * S),
+        output   = window_0[:, :S] ++ ... ++ window_{K-1}[:, :S] ++ window_K,
+
+    of shape (B, L + K S) for K = ``num_strides``: each position holds its value when it
+    leaves the window, so every window's input prefix is exactly the output there. With
+    ``noise_removal`` on no mask is left; without, masks left in a kept prefix are generated
+    by the next window (any mask is), and masks that leave the window stay in the output.
+    The same ``generator`` is used by all windows in turn, so ``num_strides = 0`` is
+    ``sampler.sample(denoiser, x, generator)``.
+
+    Args:
+        sampler: any diffusion :class:`Sampler` (ddpm, ddpm_cache, analytic).
+        denoiser: the callable ``sampler`` takes, for windows of length L.
+        x: (B, L) long, the first window: mask ids where tokens are to be generated.
+        stride_length: S in [1, L - 1], the number of new tokens per further window.
+        num_strides: K >= 0, the number of further windows.
+        generator, progress: passed to every window's ``sampler.sample``.
+
+    Returns:
+        tokens (B, L + K S) and nfe, the denoiser calls summed over all K + 1 windows.
+    """
+    _check_semi_ar(sampler, x, stride_length, num_strides)
+    out = sampler.sample(denoiser, x, generator=generator, progress=progress)
+    window, nfe, pieces = out.tokens, out.nfe, []  # window: (B, L)
+    for _ in range(num_strides):
+        pieces.append(window[:, :stride_length])  # (B, S) leaving the window: final
+        masks = torch.full_like(window[:, :stride_length], sampler.mask_index)  # (B, S)
+        out = sampler.sample(denoiser, torch.cat([window[:, stride_length:], masks], 1), generator, progress)
+        window, nfe = out.tokens, nfe + out.nfe
+    return SampleOutput(tokens=torch.cat([*pieces, window], 1), nfe=nfe)
+
+
 class ARSampler:
     """Left-to-right sampling for the AR baseline, with or without a KV cache.
 
     Positions of ``x`` equal to the mask index must form a suffix of every row (a shared
     prefix length); they are generated one token at a time. The next-token distribution is
     ``softmax(logits / temperature)`` restricted to its top-p nucleus (the smallest set of
-    tokens whose probability reaches ``top_p``), drawn in float64 with
+    tokens whose probability reaches ``top_p``), computed and drawn in ``dtype`` with
     :func:`sample_categorical`. With ``use_cache`` the model runs on the new token only
     (``model.new_cache`` / ``model.forward_step``); without, it reruns the whole prefix. Both
     consume the same random numbers, so with the same generator they give the same tokens.
@@ -427,11 +538,20 @@ class ARSampler:
         temperature: > 0; 1 samples the model's distribution.
         top_p: in (0, 1]; 1 disables nucleus truncation.
         use_cache: reuse keys/values of the prefix (one token of compute per step).
+        dtype: ``torch.float64`` (default) or ``torch.float32``, which truncates the tail
+            of the next-token distribution (see :func:`sample_categorical`).
     """
 
     name = "ar"
 
-    def __init__(self, mask_index: int, temperature: float = 1.0, top_p: float = 1.0, use_cache: bool = True) -> None:
+    def __init__(
+        self,
+        mask_index: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        use_cache: bool = True,
+        dtype: torch.dtype | str = torch.float64,
+    ) -> None:
         if not temperature > 0:
             raise ValueError(f"sampling.temperature must be > 0, got {temperature}.")
         if not 0.0 < top_p <= 1.0:
@@ -440,10 +560,11 @@ class ARSampler:
         self.temperature = float(temperature)
         self.top_p = float(top_p)
         self.use_cache = use_cache
+        self.dtype = check_sampling_dtype(dtype)
 
     def next_token_probs(self, logits: Tensor) -> Tensor:
-        """(B, V) logits -> (B, V) float64 probabilities after mask removal, temperature, top-p."""
-        logits = logits.to(torch.float64) / self.temperature
+        """(B, V) logits -> (B, V) probabilities in ``self.dtype`` after mask removal, temperature, top-p."""
+        logits = logits.to(self.dtype) / self.temperature
         logits[:, self.mask_index] = -torch.inf
         probs = logits.softmax(-1)
         if self.top_p < 1.0:
@@ -477,5 +598,5 @@ class ARSampler:
             else:
                 logits = model.forward_step(x[:, cache.length : i], cache)[:, -1]
             nfe += 1
-            x[:, i] = sample_categorical(self.next_token_probs(logits), generator)
+            x[:, i] = sample_categorical(self.next_token_probs(logits), generator, self.dtype)
         return SampleOutput(tokens=x, nfe=nfe)

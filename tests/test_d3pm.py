@@ -284,7 +284,7 @@ def test_d3pm_loss_is_diffusion_plus_reconstruction() -> None:
     attention[:, -3:] = 0
     algo = D3PM(noise, MASK, T=T, time_conditioning=True)
     t = torch.arange(1, 9).float() / 8
-    algo.sample_t = lambda n, device: t  # fixed times
+    algo.sample_t = lambda n, device, u=None: t  # fixed times
     backbone = FixedLogits(logits)
     out = algo.loss(backbone, x0, attention)
     (xt, sigma_t), (z0, sigma_0) = backbone.calls

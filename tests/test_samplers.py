@@ -19,9 +19,11 @@ import torch
 from scipy import stats
 from torch import Tensor
 
+import samplers
 from noise_schedule import Cosine, LogLinear, NoiseSchedule
 from samplers import (
     SAMPLERS,
+    ARSampler,
     DDPMCacheSampler,
     DDPMSampler,
     SampleOutput,
@@ -434,3 +436,125 @@ def test_invalid_input(name: str) -> None:
 
     with pytest.raises(ValueError, match="denoiser"):
         sampler.sample(bad_denoiser, torch.full((2, L), MASK))
+
+
+# ---- 7. precision switch: float64 (default) or float32 draws -----------------------------
+
+def toy_score(x: Tensor, sigma: Tensor) -> Tensor:
+    """Exact log score of the toy problem for the analytic sampler (see test_analytic_sampler.py)."""
+    log_score = LOG_TABLE[state_index(x)].double() - torch.log(torch.expm1(sigma.double()))[:, None, None]
+    return log_score.scatter(-1, x[..., None], 0.0).float()  # (B, L, V + 1), ratio 1 at x_t
+
+
+BIGRAM = torch.randn(V + 1, V + 1, generator=torch.Generator().manual_seed(0))  # next-token logits
+
+
+def bigram_model(x: Tensor, _: object) -> Tensor:
+    """A toy AR model, (B, i) -> (B, i, V + 1) logits; no KV cache."""
+    return BIGRAM[x]
+
+
+# Draws of the float64 code before the precision switch existed (same seeds): must not change.
+GOLDEN_FLOAT64 = {
+    "ddpm": [[1, 1, 0], [0, 1, 0], [2, 2, 0], [2, 2, 0], [1, 1, 0], [2, 0, 1]],
+    "ddpm_cache": [[1, 1, 0], [0, 1, 0], [2, 2, 0], [2, 2, 0], [1, 1, 0], [2, 0, 1]],
+    "analytic": [[1, 0, 1], [1, 1, 1], [2, 1, 0], [2, 1, 1], [2, 1, 2], [2, 2, 0]],
+    "ar": [[0, 2, 0, 2, 0, 1], [0, 2, 0, 2, 1, 0], [0, 2, 2, 2, 2, 0], [0, 1, 2, 0, 1, 0]],
+}
+
+
+def golden_run(name: str, **kwargs: object) -> Tensor:
+    """The draws GOLDEN_FLOAT64[name] records, with extra sampler arguments ``kwargs``."""
+    if name == "ar":
+        x = torch.full((4, 6), MASK)
+        x[:, 0] = 0
+        sampler = ARSampler(MASK, temperature=0.9, top_p=0.95, use_cache=False, **kwargs)
+        return sampler.sample(bigram_model, x, generator=torch.Generator().manual_seed(4)).tokens
+    denoiser = toy_score if name == "analytic" else Oracle()
+    sampler = make(name, steps=4, eps=0.05, **kwargs)
+    return sampler.sample(denoiser, torch.full((6, L), MASK), generator=torch.Generator().manual_seed(3)).tokens
+
+
+@pytest.mark.parametrize("name", GOLDEN_FLOAT64)
+def test_float64_default_draws_are_unchanged(name: str) -> None:
+    expected = torch.tensor(GOLDEN_FLOAT64[name])
+    assert torch.equal(golden_run(name), expected)
+    assert torch.equal(golden_run(name, dtype=torch.float64), expected)
+    assert torch.equal(golden_run(name, dtype="float64"), expected)
+    assert golden_run(name, dtype=torch.float32).shape == expected.shape
+
+
+def test_sample_categorical_float32_is_the_float32_race() -> None:
+    """float32: argmax(p / E) with E = -log U, U a float32 uniform from the generator."""
+    probs = torch.rand(1000, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    uniform = torch.rand(1000, 7, generator=torch.Generator().manual_seed(2))  # float32
+    expected = (probs.float() / -uniform.log()).argmax(-1)
+    draw32 = sample_categorical(probs, torch.Generator().manual_seed(2), dtype=torch.float32)
+    assert torch.equal(draw32, expected)
+    draw64 = sample_categorical(probs, torch.Generator().manual_seed(2))
+    assert not torch.equal(draw32, draw64)  # a different noise source
+
+
+def test_float32_truncates_the_tail() -> None:
+    """A category of relative mass 1e-9 can never win in float32.
+
+    float32 noise is E = -log U >= -log(1 - 2^-24) = 6e-8 and E <= -log(2^-24) = 16.6 unless
+    U = 0 (then 87): the rare category needs E_rare < 1e-9 E_common <= 8.7e-8, i.e. U_rare
+    in its top 2 float32 values *and* U_common = 0, probability ~1e-14 per row. In float64 its
+    share is 1e-9, fine for a language model's 50k-token tail; frequencies that small cannot
+    be measured in a unit test, so this pins the float32 side only.
+    """
+    probs = torch.tensor([1.0, 1e-9]).expand(1_000_000, 2)
+    draws = sample_categorical(probs, torch.Generator().manual_seed(0), dtype=torch.float32)
+    assert draws.sum() == 0
+    # A category 1e-3 as likely is drawn at its rate by both: the switch changes the tail only.
+    probs = torch.tensor([1.0, 1e-3]).expand(200_000, 2)
+    for dtype in (torch.float32, torch.float64):
+        draws = sample_categorical(probs, torch.Generator().manual_seed(1), dtype=dtype)
+        assert stats.binomtest(int(draws.sum()), len(draws), 1e-3 / 1.001).pvalue > P_MIN
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddpm_cache", "analytic", "ar"])
+def test_float32_samplers_draw_in_float32(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every draw of a float32 sampler is made in float32: the unmasking uniforms and the categorical."""
+    seen: list[tuple[torch.dtype, torch.dtype]] = []  # (probs dtype, dtype argument) per draw
+    rand_dtypes: list[torch.dtype] = []
+    real_categorical, real_rand = samplers.sample_categorical, torch.rand
+
+    def spy_categorical(probs: Tensor, generator: torch.Generator | None = None,
+                        dtype: torch.dtype = torch.float64) -> Tensor:
+        seen.append((probs.dtype, dtype))
+        return real_categorical(probs, generator, dtype)
+
+    def spy_rand(*args: object, **kwargs: object) -> Tensor:
+        out = real_rand(*args, **kwargs)
+        rand_dtypes.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(samplers, "sample_categorical", spy_categorical)
+    monkeypatch.setattr(torch, "rand", spy_rand)
+    tokens = golden_run(name, dtype=torch.float32)
+    assert not (tokens == MASK).any()
+    assert seen and all(pair == (torch.float32, torch.float32) for pair in seen)
+    assert rand_dtypes and all(dtype == torch.float32 for dtype in rand_dtypes)
+
+
+def test_float32_sampler_reaches_the_exact_law() -> None:
+    """float32 changes rounding, not the law, on a problem without a tiny-probability tail."""
+    noise, steps, eps = LogLinear(), 2, 1e-5
+    sampler = make("ddpm", noise, steps=steps, eps=eps, dtype=torch.float32)
+    out = run(sampler, ALL_MASK, batch=40_000, seed=21)
+    assert_matches(out.tokens, exact_law(noise, steps, eps, ALL_MASK, noise_removal=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int64, "double", None])
+def test_bad_dtype_is_rejected(dtype: object) -> None:
+    with pytest.raises(ValueError, match="float32 or torch.float64"):
+        sample_categorical(torch.ones(2, 3), dtype=dtype)
+    for name in SAMPLERS:
+        with pytest.raises(ValueError, match="float32 or torch.float64"):
+            make(name, steps=2, dtype=dtype)
+    with pytest.raises(ValueError, match="float32 or torch.float64"):
+        ARSampler(MASK, dtype=dtype)
+    assert make("ddpm", steps=2, dtype="float32").dtype is torch.float32
+    assert "dtype=torch.float32" in repr(make("ddpm", steps=2, dtype=torch.float32))
