@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 
 from algorithms import Algorithm, Draws, LossOutput, item_draws
@@ -135,6 +136,31 @@ class Diffusion(L.LightningModule):
         # Logged lazily: Lightning reads the value only every `log_every_n_steps`.
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
+
+    def on_fit_start(self) -> None:
+        if self.ema is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ValueError(
+                "training.ema > 0 with strategy=fsdp: the EMA copy of the weights is not sharded yet. "
+                "Set training.ema=0, or use strategy=ddp."
+            )
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip by the global gradient norm; under FSDP through the root module's ``clip_grad_norm_``.
+
+        With sharded gradients, ``torch.nn.utils.clip_grad_norm_`` would use each process's
+        local norm; FSDP's own method reduces the norm over all shards first.
+        """
+        if not gradient_clip_val:
+            return
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError(f"strategy=fsdp clips by norm only; got {gradient_clip_algorithm=}")
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.trainable_parameters())

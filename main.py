@@ -25,8 +25,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import utils
 from algorithms import build_algorithm
+from checkpoints import check_compatible, load_checkpoint
 from dataloader import DataModule, vocab_and_mask
 from diffusion import Diffusion
+from fault_tolerance import AtomicCheckpointIO, resume_checkpoint
 from generation import generate_samples, load_scorer, print_samples, sample_evaluator, score_samples
 
 CORPUS_TARGET = "dataloader.CorpusData"  # the data configs that eval.datasets can name
@@ -43,7 +45,7 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(
             f"parameterization={cfg.parameterization} with backbone={backbone}: the AR baseline needs "
             "backbone=ar parameterization=ar (e.g. model=small-ar); diffusion parameterizations need a "
-            "bidirectional backbone (backbone=dit)."
+            "bidirectional backbone (backbone=dit or backbone=dimamba with model=tiny-dimamba)."
         )
     algorithm = build_algorithm(cfg.parameterization, mask_index=0, **algorithm_options(cfg))
     valid = getattr(algorithm, "samplers", ())
@@ -129,6 +131,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, utils.Batc
         accumulate_grad_batches=train_plan.accumulate,
         strategy=instantiate(cfg.strategy) if cfg.get("strategy") else "auto",
         callbacks=[instantiate(c) for c in cfg.callbacks.values()],
+        plugins=[AtomicCheckpointIO()],
         logger=build_loggers(cfg, run_dir),
         default_root_dir=str(run_dir),
     )
@@ -152,39 +155,72 @@ def build_data(cfg: DictConfig) -> Any:
 
 
 # --------------------------------------------------------------------------- checkpoints
+def command_line_overrides() -> dict[str, str]:
+    """``{key: value}`` of the ``key=value`` overrides on the command line (``+``/``++`` dropped)."""
+    given: dict[str, str] = {}
+    for override in HydraConfig.get().overrides.task:
+        key, sep, value = override.partition("=")
+        if sep and not key.startswith("~"):
+            given[key.lstrip("+")] = value
+    return given
+
+
+def adopt_checkpoint_architecture(cfg: DictConfig, architecture: dict[str, Any], given: dict[str, str]) -> None:
+    """Set the architecture keys the checkpoint records; ``model.length`` stays if given on the command line.
+
+    Keys the checkpoint does not record (the released Hugging Face model has no parameterization
+    or noise schedule) keep the command line's values.
+    """
+    length = cfg.model.length
+    with open_dict(cfg):
+        for key in ARCHITECTURE_KEYS:
+            if key not in architecture:
+                continue
+            value = architecture[key]
+            if key in given and not isinstance(value, dict) and given[key].lower() != str(value).lower():
+                print(f"Note: {key}={given[key]} on the command line is ignored; the checkpoint's {key}={value} "
+                      "is used.")
+            cfg[key] = value
+        if "model.length" in given:
+            cfg.model.length = length
+
+
 def load_for_eval(cfg: DictConfig, vocab_size: int, mask_index: int) -> Diffusion:
-    """Build the model recorded in ``eval.checkpoint_path`` and load its (EMA) weights."""
-    path = Path(cfg.eval.checkpoint_path)
+    """Build the model recorded in ``eval.checkpoint_path`` and load its (EMA) weights.
+
+    Accepts our checkpoints, the original MDLM code's (mdlm.ckpt, ar.ckpt, sedd.ckpt) and the
+    Hugging Face format (see :mod:`checkpoints`). The architecture comes from the checkpoint;
+    ``model.length`` and whatever the checkpoint does not record from the command line.
+    """
+
     if not cfg.eval.checkpoint_path:
         raise ValueError(f"mode={cfg.mode} needs eval.checkpoint_path=/path/to/checkpoints/last.ckpt.")
-    if not path.is_file():
-        raise FileNotFoundError(f"eval.checkpoint_path={path} does not exist (relative paths start at {Path.cwd()}).")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    saved = checkpoint.get("config")
-    if saved is not None:
-        length = cfg.model.length
-        length_given = any(o.startswith("model.length=") for o in HydraConfig.get().overrides.task)
-        with open_dict(cfg):
-            for key in ARCHITECTURE_KEYS:
-                if key in saved:
-                    cfg[key] = saved[key]
-            if length_given:
-                cfg.model.length = length
-        print(
-            f"Architecture from the checkpoint: model={cfg.model.name}, parameterization={cfg.parameterization}, "
-            f"length {cfg.model.length}{' (from the command line)' if length_given else ''}."
-        )
-    ckpt_vocab = checkpoint["state_dict"]["backbone.vocab_embed.embedding"].shape[0]
-    if ckpt_vocab != vocab_size:
+    loaded = load_checkpoint(cfg.eval.checkpoint_path, trust_remote_code=bool(cfg.eval.get("trust_remote_code")))
+    given = command_line_overrides()
+    backbone = HydraConfig.get().runtime.choices.get("backbone") if "backbone" in given else None
+    check_compatible(loaded, cfg.parameterization, given.get("parameterization"), backbone)
+    adopt_checkpoint_architecture(cfg, loaded.config, given)
+    use_ema = loaded.ema is not None and not cfg.eval.disable_ema
+    print(
+        f"Loaded {loaded.format} checkpoint {loaded.source}: backbone {loaded.backbone_kind}, model={cfg.model.name}, "
+        f"parameterization={cfg.parameterization}, time_conditioning={cfg.time_conditioning}, "
+        f"length {cfg.model.length}{' (from the command line)' if 'model.length' in given else ''}, "
+        f"{'EMA' if use_ema else 'raw'} weights."
+    )
+    if loaded.vocab_size is not None and loaded.vocab_size != vocab_size:
         raise ValueError(
-            f"The checkpoint's vocabulary has {ckpt_vocab} entries but data={cfg.data.name} gives {vocab_size}: "
+            f"The checkpoint's vocabulary has {loaded.vocab_size} entries but data={cfg.data.name} gives {vocab_size}: "
             "evaluate with the data/tokenizer the model was trained on."
         )
     module = build_module(cfg, vocab_size, mask_index)
-    module.load_state_dict(checkpoint["state_dict"])
-    module.on_load_checkpoint(checkpoint)
-    if not cfg.eval.disable_ema:
-        module.use_ema_weights_permanently()
+    names = [n for n, p in module.named_parameters() if p.requires_grad] if use_ema else None
+    weights = {k.removeprefix("backbone."): v for k, v in loaded.weights(names).items()}
+    try:
+        module.backbone.load_state_dict(weights, strict=True)
+    except RuntimeError as error:
+        message = f"The weights in {loaded.source} do not fit the model built from its config: {error}"
+        raise ValueError(message) from error
+    module.ema = None  # evaluation uses the loaded weights as they are (EMA or raw)
     return module
 
 
@@ -214,10 +250,10 @@ def train(cfg: DictConfig, run_dir: Path) -> None:
     )
     datamodule = make_datamodule(cfg, data, train_plan, eval_plan)
     ckpt_path = Path(cfg.checkpointing.resume_ckpt_path)
-    resume = cfg.checkpointing.resume_from_ckpt and ckpt_path.is_file()
-    if resume:
-        print(f"Resuming from {ckpt_path}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if resume else None)
+    resume = resume_checkpoint(ckpt_path, run_dir) if cfg.checkpointing.resume_from_ckpt else None
+    if resume is not None:
+        print(f"Resuming from {resume}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=None if resume is None else str(resume))
     trainer.validate(module, datamodule=datamodule, verbose=False)
     report_likelihood(module.last_val, "Final validation (EMA weights)")
     if not trainer.is_global_zero:

@@ -16,7 +16,8 @@ Prints two Markdown tables and writes them to ``--out``
    and ``ddpm_cache`` samplers for several step counts, with an untrained, randomly
    perturbed model.
 
-Model sizes come from ``configs/model/<name>.yaml``; optimizer, EMA, time sampling and
+Model sizes come from ``configs/model/<name>.yaml`` (``*-dimamba`` sizes build the bidirectional
+Mamba of ``models/dimamba.py``, the others the DiT); optimizer, EMA, time sampling and
 sampler settings from the defaults in ``configs/config.yaml`` and ``configs/noise/``.
 """
 
@@ -45,6 +46,7 @@ if str(ROOT) not in sys.path:  # run as `python bench/benchmark.py`: make the re
     sys.path.insert(0, str(ROOT))
 
 from algorithms import MDLM  # noqa: E402
+from models.dimamba import MAMBA_SSM_AVAILABLE, DiMamba  # noqa: E402
 from models.dit import FLASH_ATTN_AVAILABLE, DiT  # noqa: E402
 from models.ema import ExponentialMovingAverage  # noqa: E402
 from noise_schedule import LogLinear  # noqa: E402
@@ -56,6 +58,7 @@ GRAD_CLIP = 1.0  # trainer.gradient_clip_val
 PERTURB_STD = 0.02  # std of the random weights used for sampling (non-trivial logits)
 PREDICTORS = ("ddpm", "ddpm_cache")
 MIB = 2**20
+DIMAMBA_SUFFIX = "-dimamba"  # size presets named *-dimamba build the bidirectional Mamba, the rest the DiT
 
 # Per-device defaults; None in the parsed arguments means "use these". The CPU ones keep
 # the whole default run under ~5 minutes on 2 cores.
@@ -95,8 +98,12 @@ def framework_defaults() -> DictConfig:
     return OmegaConf.load(CONFIGS / "config.yaml")
 
 
-def build_backbone(size: str, vocab_size: int) -> DiT:
+def build_backbone(size: str, vocab_size: int) -> DiT | DiMamba:
     cfg = load_model_size(size)
+    if size.endswith(DIMAMBA_SUFFIX):
+        return DiMamba(vocab_size=vocab_size, hidden_size=cfg.hidden_size, cond_dim=cfg.cond_dim,
+                       n_blocks=cfg.n_blocks, dropout=cfg.dropout, d_state=cfg.d_state, d_conv=cfg.d_conv,
+                       expand=cfg.expand, conditioning=cfg.conditioning)
     return DiT(vocab_size=vocab_size, hidden_size=cfg.hidden_size, cond_dim=cfg.cond_dim,
                n_blocks=cfg.n_blocks, n_heads=cfg.n_heads, dropout=cfg.dropout)
 
@@ -109,8 +116,8 @@ def build_algorithm(root: DictConfig, mask_index: int) -> MDLM:
                 time_conditioning=root.time_conditioning)
 
 
-def non_embedding_params(model: DiT) -> int:
-    """Parameters except the token embedding (V x D) and the output projection (D x V + V)."""
+def non_embedding_params(model: DiT | DiMamba) -> int:
+    """Parameters except the token embedding (V x D) and the output projection (D x V, + V for the DiT)."""
     vocab_sized = {id(model.vocab_embed.embedding), id(model.output_layer.linear.weight),
                    id(model.output_layer.linear.bias)}
     return sum(p.numel() for p in model.parameters() if id(p) not in vocab_sized)
@@ -289,6 +296,7 @@ def header(device: torch.device, argv: list[str]) -> str:
         f"- device: {device_description(device)}",
         f"- torch: {torch.__version__}",
         f"- flash-attn: {'available' if FLASH_ATTN_AVAILABLE else 'not available (PyTorch SDPA)'}",
+        f"- mamba-ssm (DiMamba sizes): {'available' if MAMBA_SSM_AVAILABLE else 'not available (PyTorch scan)'}",
         f"- date: {now}",
         f"- command: `{command}`",
     ])
@@ -304,7 +312,7 @@ def training_section(results: list[TrainResult], args: argparse.Namespace, devic
         f"One step = MDLM loss ({precision}) on random token ids (vocab {args.vocab}), backward, "
         f"grad-norm clip {GRAD_CLIP}, AdamW, EMA update; {args.warmup} warm-up + {args.timed_steps} timed steps, "
         "each size in a fresh subprocess.",
-        "Non-embedding parameters exclude the token embedding (V x D) and the output projection (D x V + V).",
+        "Non-embedding parameters exclude the token embedding (V x D) and the output projection (D x V, + V for DiT).",
     ]
     if device.type == "cpu":
         notes.append(f"Peak RSS includes the Python/torch runtime; peak RSS before building the model: {baseline} MiB.")
@@ -354,7 +362,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="Markdown file (default bench_results/benchmark_<device>.md)")
     group = parser.add_argument_group("training (per-device defaults: cuda / cpu)")
-    group.add_argument("--train-sizes", help="comma-separated names from configs/model/ (tiny,small)")
+    group.add_argument("--train-sizes", help="comma-separated names from configs/model/ (tiny,small; "
+                       "tiny-dimamba for the bidirectional Mamba)")
     group.add_argument("--train-length", type=int, help="sequence length (1024 / 128)")
     group.add_argument("--train-batch", type=int, help="batch size (16 / 4)")
     group.add_argument("--warmup", type=int, help="untimed warm-up steps (5 / 2)")

@@ -27,3 +27,15 @@ def test_quick_benchmark_writes_both_tables(tmp_path: Path) -> None:
         assert "| micro |" in text  # the one training row
         rows = [line for line in text.splitlines() if line.startswith("| ddpm")]
         assert len(rows) == 4  # (ddpm, ddpm_cache) x steps (4, 8)
+
+
+def test_quick_benchmark_has_a_dimamba_row(tmp_path: Path) -> None:
+    out = tmp_path / "b.md"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "bench/benchmark.py", "--quick", "--device", "cpu", "--train-sizes", "tiny-dimamba",
+           "--vocab", "512", "--steps", "4", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    assert "| tiny-dimamba | 28.4 |" in text  # non-embedding parameters, as DiT tiny's 28.5M
+    assert "mamba-ssm" in text

@@ -31,7 +31,7 @@ def test_root_config_composes(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("size", options("model"))
 def test_model_sizes_instantiate_a_backbone(tmp_path: Path, size: str) -> None:
-    backbone = "ar" if size.endswith("-ar") else "dit"
+    backbone = "ar" if size.endswith("-ar") else "dimamba" if size.endswith("-dimamba") else "dit"
     cfg = make_cfg(tmp_path, [f"model={size}", f"backbone={backbone}"])
     expected = {
         "micro": (128, 4, 4),
@@ -40,8 +40,10 @@ def test_model_sizes_instantiate_a_backbone(tmp_path: Path, size: str) -> None:
         "medium": (1024, 24, 16),
         "tiny-ar": (512, 8, 8),
         "small-ar": (768, 12, 12),
+        "tiny-dimamba": (512, 14, None),  # no attention heads
+        "small-dimamba": (768, 22, None),
     }[size]
-    assert (cfg.model.hidden_size, cfg.model.n_blocks, cfg.model.n_heads) == expected
+    assert (cfg.model.hidden_size, cfg.model.n_blocks, cfg.model.get("n_heads")) == expected
     with torch.device("meta"):  # no memory for the big ones
         backbone = instantiate(cfg.backbone, vocab_size=50258)
     assert len(backbone.blocks) == cfg.model.n_blocks

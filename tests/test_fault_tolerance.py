@@ -1,0 +1,107 @@
+"""Crashes and preemption: atomic checkpoint writes, kill -9 during a save, SIGTERM, exact resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+from test_main_e2e import TINY, run_main
+from test_resume import RESUME, assert_same_training_state, final_state
+
+from fault_tolerance import TMP_MARKER, AtomicCheckpointIO, resume_checkpoint
+
+# Bigger than the e2e default so that a checkpoint takes a few milliseconds to write.
+KILL_RUN = [*RESUME, "model.hidden_size=128", "model.n_blocks=2", "model.n_heads=4", "trainer.max_steps=30"]
+
+
+def test_atomic_save_keeps_the_old_checkpoint_when_a_save_fails(tmp_path: Path, monkeypatch) -> None:
+    io = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, target)
+
+    def broken_save(obj, f) -> None:
+        f.write(b"partial bytes")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(RuntimeError, match="disk full"):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, target)
+    monkeypatch.undo()
+    assert torch.load(target, weights_only=True)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+def test_resume_picks_the_newest_checkpoint(tmp_path: Path) -> None:
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert resume_checkpoint(last, tmp_path) is None
+    last.parent.mkdir()
+    last.write_bytes(b"x")
+    hpc = tmp_path / "hpc_ckpt_1.ckpt"
+    hpc.write_bytes(b"y")
+    os.utime(last, ns=(1, 1))
+    assert resume_checkpoint(last, tmp_path) == hpc
+    os.utime(hpc, ns=(0, 0))
+    assert resume_checkpoint(last, tmp_path) == last
+
+
+def start_training(run_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "main.py", *TINY, f"hydra.run.dir={run_dir}", *KILL_RUN]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 120.0, poll: float = 0.0005) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"training ended (exit {process.returncode}) first:\n{process.stdout.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("timed out")
+        time.sleep(poll)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    run_main(run_dir, *KILL_RUN)
+    return final_state(run_dir)
+
+
+def test_kill_9_during_a_save_then_resume(tmp_path: Path, uninterrupted: dict) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    process = start_training(tmp_path)
+    wait_for(lambda: (checkpoints / "last.ckpt").is_file(), process)
+
+    def saving() -> bool:
+        return checkpoints.is_dir() and any(TMP_MARKER in p.name for p in checkpoints.iterdir())
+
+    wait_for(saving, process)
+    process.send_signal(signal.SIGKILL)  # in the middle of writing the next last.ckpt
+    process.wait()
+    assert any(TMP_MARKER in p.name for p in checkpoints.iterdir())  # the half-written file
+    survivor = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    assert 1 <= survivor["global_step"] < 30
+    proc = run_main(tmp_path, *KILL_RUN)
+    assert "Resuming from" in proc.stdout
+    assert_same_training_state(uninterrupted, final_state(tmp_path))
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path: Path, uninterrupted: dict) -> None:
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    process = start_training(tmp_path)
+    wait_for(lambda: last.is_file() and torch.load(last, weights_only=True)["global_step"] >= 3, process, poll=0.05)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert "SIGTERM: saved" in output, output[-3000:]
+    stopped = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    assert 3 <= stopped < 30
+    run_main(tmp_path, *KILL_RUN)
+    assert_same_training_state(uninterrupted, final_state(tmp_path))
