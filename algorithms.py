@@ -393,6 +393,34 @@ class Algorithm(nn.Module):
             return backbone
         return functools.partial(backbone, attention_mask=attention_mask)
 
+    def sample_t(self, n: int, device: torch.device | str = "cpu", u: Tensor | None = None) -> Tensor:
+        """Training times (n,) of this parameterization (``u``: given uniforms in [0, 1))."""
+        raise NotImplementedError(f"{type(self).__name__} has no diffusion times")
+
+    def diffusion_nll(self, backbone: Backbone, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
+        """Per-token loss (B, L) at times t (B,) for xt ~ q(xt | x0)."""
+        raise NotImplementedError(f"{type(self).__name__} has no diffusion loss")
+
+    def forward_process(self, x0: Tensor, draws: Draws | None = None) -> tuple[Tensor, Tensor]:
+        """Times t (B,) from :meth:`sample_t` and xt (B, L) ~ q(xt | x0), from fresh or given draws."""
+        t = self.sample_t(x0.shape[0], x0.device, u=None if draws is None else draws.time)
+        xt = q_xt(x0, self.noise.move_chance(t)[:, None], self.mask_index, u=None if draws is None else draws.mask)
+        return t, xt
+
+    def loss(
+        self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor, padded: bool | None = None,
+        draws: Draws | None = None,
+    ) -> LossOutput:
+        """Per-token loss (B, L): ``diffusion_nll`` at one time sample per sequence.
+
+        Padding scores 0 and is not attended to (``padded``: whether the mask has a zero, when
+        known); ``draws``: given random numbers (:func:`item_draws`) instead of fresh ones.
+        """
+        backbone = self.with_padding_mask(backbone, attention_mask, padded)
+        t, xt = self.forward_process(x0, draws)
+        nll = self.diffusion_nll(backbone, x0, xt, t)
+        return LossOutput(nll=nll * attention_mask, mask=attention_mask)
+
     def denoiser(self, backbone: nn.Module) -> Denoiser:
         """``(xt, sigma) -> log p_theta(x0 | xt)`` in SUBS form (zero mask probability,
         carry-over) for the ``ddpm`` samplers; SEDD and AR override it."""
@@ -493,17 +521,6 @@ class MDLM(Algorithm):
             weight = self.noise(t).nelbo_weight
         return subs_nelbo(logits, x0, xt, self.mask_index, weight)
 
-    def loss(
-        self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor, padded: bool | None = None,
-        draws: Draws | None = None,
-    ) -> LossOutput:
-        """Per-token NELBO (B, L) for one time sample per sequence; padding scores 0 and is not attended to."""
-        backbone = self.with_padding_mask(backbone, attention_mask, padded)
-        t = self.sample_t(x0.shape[0], x0.device, u=None if draws is None else draws.time)
-        xt = q_xt(x0, self.noise.move_chance(t)[:, None], self.mask_index, u=None if draws is None else draws.mask)
-        nll = self.diffusion_nll(backbone, x0, xt, t)
-        return LossOutput(nll=nll * attention_mask, mask=attention_mask)
-
 
 class D3PM(Algorithm):
     """Absorbing-state D3PM (Austin et al. 2021) in discrete time, as the paper's baseline.
@@ -556,8 +573,7 @@ class D3PM(Algorithm):
         Padding scores 0 and is not attended to.
         """
         backbone = self.with_padding_mask(backbone, attention_mask, padded)
-        t = self.sample_t(x0.shape[0], x0.device, u=None if draws is None else draws.time)
-        xt = q_xt(x0, self.noise.move_chance(t)[:, None], self.mask_index, u=None if draws is None else draws.mask)
+        t, xt = self.forward_process(x0, draws)
         nll = self.diffusion_nll(backbone, x0, xt, t) + self.reconstruction_nll(
             backbone, x0, None if draws is None else draws.mask)
         return LossOutput(nll=nll * attention_mask, mask=attention_mask)
@@ -592,17 +608,6 @@ class SEDD(Algorithm):
         level = self.noise(t)
         log_score = sedd_log_score(backbone(xt, self.conditioning(level.sigma)), xt, level.sigma)
         return level.dsigma.float()[:, None] * score_entropy(log_score, x0, xt, level.sigma, self.mask_index)
-
-    def loss(
-        self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor, padded: bool | None = None,
-        draws: Draws | None = None,
-    ) -> LossOutput:
-        """Per-token loss (B, L) for one time sample per sequence; padding scores 0 and is not attended to."""
-        backbone = self.with_padding_mask(backbone, attention_mask, padded)
-        t = self.sample_t(x0.shape[0], x0.device, u=None if draws is None else draws.time)
-        xt = q_xt(x0, self.noise.move_chance(t)[:, None], self.mask_index, u=None if draws is None else draws.mask)
-        nll = self.diffusion_nll(backbone, x0, xt, t)
-        return LossOutput(nll=nll * attention_mask, mask=attention_mask)
 
     def denoiser(self, backbone: nn.Module) -> Denoiser:
         """``(xt, sigma) -> log score (B, L, V)`` for the analytic sampler."""

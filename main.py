@@ -192,7 +192,6 @@ def load_for_eval(cfg: DictConfig, vocab_size: int, mask_index: int) -> Diffusio
     Hugging Face format (see :mod:`checkpoints`). The architecture comes from the checkpoint;
     ``model.length`` and whatever the checkpoint does not record from the command line.
     """
-
     if not cfg.eval.checkpoint_path:
         raise ValueError(f"mode={cfg.mode} needs eval.checkpoint_path=/path/to/checkpoints/last.ckpt.")
     loaded = load_checkpoint(cfg.eval.checkpoint_path, trust_remote_code=bool(cfg.eval.get("trust_remote_code")))
@@ -213,6 +212,12 @@ def load_for_eval(cfg: DictConfig, vocab_size: int, mask_index: int) -> Diffusio
             "evaluate with the data/tokenizer the model was trained on."
         )
     module = build_module(cfg, vocab_size, mask_index)
+    samplers = module.algorithm.samplers
+    if cfg.mode == "sample_eval" and cfg.parameterization != "ar" and cfg.sampling.predictor not in samplers:
+        raise ValueError(
+            f"the checkpoint is a parameterization={cfg.parameterization} model; sampling.predictor="
+            f"{cfg.sampling.predictor} does not apply to it. Valid choices: {list(samplers)}."
+        )
     names = [n for n, p in module.named_parameters() if p.requires_grad] if use_ema else None
     weights = {k.removeprefix("backbone."): v for k, v in loaded.weights(names).items()}
     try:
