@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import inspect
 import json
 import warnings
 from collections.abc import Callable
@@ -150,6 +151,15 @@ def make_datamodule(cfg: DictConfig, data: Any, train_plan: utils.BatchPlan, eva
 
 
 def build_data(cfg: DictConfig) -> Any:
+    target = hydra.utils.get_class(cfg.data._target_)
+    accepted = set(inspect.signature(target).parameters)
+    unknown = sorted(k for k in cfg.data if k != "_target_" and k not in accepted)
+    if unknown:
+        experiment = HydraConfig.get().runtime.choices.get("experiment")
+        hint = f" (experiment={experiment} sets data keys for its own data set)" if experiment else ""
+        raise ValueError(
+            f"data={cfg.data.name} does not take {unknown}{hint}. Its keys: {sorted(accepted - {'self'})}."
+        )
     data = instantiate(cfg.data)
     return data, *vocab_and_mask(data.tokenizer)
 

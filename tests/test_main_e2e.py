@@ -179,6 +179,7 @@ def test_every_parameterization_trains_evaluates_and_samples(tmp_path: Path, ove
         (["parameterization=sedd"], "valid choices: ['analytic']"),
         (["parameterization=d3pm"], "T=1000"),
         (["parameterization=nope"], "Valid choices"),
+        (["data=ptb"], "(experiment=quickstart sets data keys for its own data set)"),
     ],
 )
 def test_invalid_combinations_are_rejected_up_front(tmp_path: Path, overrides: list[str], message: str) -> None:
