@@ -105,3 +105,33 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path: Path, uninterr
     assert 3 <= stopped < 30
     run_main(tmp_path, *KILL_RUN)
     assert_same_training_state(uninterrupted, final_state(tmp_path))
+
+
+def test_slurm_requeue_signal_saves_requeues_and_resumes(tmp_path: Path, uninterrupted: dict) -> None:
+    """Under slurm (faked: SLURM_* variables, a recording `scontrol`), USR1 -> hpc_ckpt + requeue -> exact resume."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol_calls.txt"
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "mdlm",
+             "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
+             "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    run_dir = tmp_path / "run"
+    env = {**os.environ, **slurm, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "main.py", *TINY, f"hydra.run.dir={run_dir}", *KILL_RUN]
+    process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    wait_for(lambda: last.is_file() and torch.load(last, weights_only=True)["global_step"] >= 3, process, poll=0.05)
+    process.send_signal(signal.SIGUSR1)  # slurm's warning before the time limit (#SBATCH --signal=USR1@120)
+    wait_for(lambda: calls.is_file(), process, poll=0.05)
+    process.kill()  # slurm ends the job; the requeued one starts the same command
+    process.wait()
+    assert calls.read_text().split() == ["requeue", "4242"]
+    (hpc,) = run_dir.glob("hpc_ckpt_*.ckpt")
+    assert torch.load(hpc, map_location="cpu", weights_only=True)["global_step"] >= 3
+    newest = max((hpc, last), key=lambda p: p.stat().st_mtime_ns)  # training may go on a step or two after USR1
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert f"Resuming from {newest}" in proc.stdout
+    assert_same_training_state(uninterrupted, final_state(run_dir))
