@@ -641,7 +641,7 @@ class AR(Algorithm):
         draws: Draws | None = None,
     ) -> LossOutput:
         """Per-token next-token NLL (B, L - 1); padding scores 0 and is not attended to."""
-        backbone = self.with_padding_mask(backbone, attention_mask[:, :-1], False if padded is False else None)
+        backbone = self.with_padding_mask(backbone, attention_mask[:, :-1], padded)
         logits = backbone(x0[:, :-1], None)                                        # (B, L - 1, V)
         mask = attention_mask[:, 1:]
         return LossOutput(nll=ar_nll(logits, x0[:, 1:], self.mask_index) * mask, mask=mask)

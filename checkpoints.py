@@ -42,7 +42,7 @@ import omegaconf.errors
 import omegaconf.listconfig
 import omegaconf.nodes
 import torch
-from huggingface_hub import constants, snapshot_download
+from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
@@ -384,9 +384,9 @@ def _from_original(checkpoint: dict[str, Any], source: str) -> LoadedCheckpoint:
 # --------------------------------------------------------------------------- Hugging Face format
 def _hub_snapshot(repo_id: str, trust_remote_code: bool) -> Path:
     """Download (or find in the cache when offline) the config and weights of hub repo ``repo_id``."""
-    from dataloader import hub_reachable  # lightning comes with it: imported only when the hub is used
+    from dataloader import hub_failure_reason, hub_local_only  # lightning comes with it: only when needed
 
-    offline = constants.HF_HUB_OFFLINE or not hub_reachable(constants.ENDPOINT)
+    offline = hub_local_only()
     patterns = ["config.json", "model*.safetensors", "model.safetensors.index.json"]
     if trust_remote_code:
         patterns.append("*.py")
@@ -397,8 +397,7 @@ def _hub_snapshot(repo_id: str, trust_remote_code: bool) -> Path:
                                             local_files_only=offline))
         return folder
     except (OSError, ValueError, HfHubHTTPError) as error:
-        reason = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else
-                  "the Hugging Face hub is unreachable" if offline else "the hub has no such repo")
+        reason = hub_failure_reason(offline, "the hub has no such repo")
         raise FileNotFoundError(
             f"eval.checkpoint_path={repo_id} does not exist as a local path, {reason}, and it is not in the "
             "local Hugging Face cache. Download it where the hub is reachable (e.g. "

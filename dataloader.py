@@ -360,16 +360,11 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(str(path))
     if path.is_absolute() or name_or_path.startswith((".", "~")):
         raise FileNotFoundError(f"tokenizer directory {name_or_path!r} does not exist")
-    offline = constants.HF_HUB_OFFLINE or not hub_reachable(constants.ENDPOINT)
+    local_only = hub_local_only()
     try:
-        return AutoTokenizer.from_pretrained(name_or_path, local_files_only=offline)
+        return AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_only)
     except (OSError, ValueError) as error:
-        if constants.HF_HUB_OFFLINE:
-            reason = "HF_HUB_OFFLINE is set"
-        elif offline:
-            reason = "the Hugging Face hub is unreachable"
-        else:
-            reason = "the Hugging Face hub has no such tokenizer"
+        reason = hub_failure_reason(local_only, "the Hugging Face hub has no such tokenizer")
         raise OSError(
             f"could not load tokenizer {name_or_path!r}: there is no local directory of that name, "
             f"{reason}, and it is not in the local cache (or the name is wrong). Pass a local "
@@ -377,6 +372,18 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
             f"data.tokenizer_name_or_path=/path/to/gpt2_tokenizer (one written by "
             f"tokenizer.save_pretrained), or set HF_HUB_OFFLINE=1 with a warm Hugging Face cache."
         ) from error
+
+
+def hub_local_only() -> bool:
+    """Whether hub loads may read the local cache only: ``HF_HUB_OFFLINE`` is set or the hub is unreachable."""
+    return constants.HF_HUB_OFFLINE or not hub_reachable(constants.ENDPOINT)
+
+
+def hub_failure_reason(local_only: bool, missing: str) -> str:
+    """Why a hub load failed: offline by choice, the hub unreachable, or ``missing`` (it has no such thing)."""
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    return "the Hugging Face hub is unreachable" if local_only else missing
 
 
 def hub_reachable(endpoint: str, timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
@@ -627,16 +634,17 @@ class CorpusData:
         eos = self.eos_id if self.wrap and self.insert_eos[role] else None
         path = self.paths[role]
         remote = json.dumps({"hub": corpus.hub and vars(corpus.hub), "urls": corpus.urls})
+        detokenizer = get_detokenizer(corpus.name)
         key = {
             "corpus": corpus.name, "split": split,
             "source": source_fingerprint(None if path is None else source_files(corpus, path, split), remote),
-            "tokenizer": tokenizer_fingerprint(self.tokenizer), "detokenizer": corpus.name if get_detokenizer(
-                corpus.name) else None, "eos": eos, "text8_chunk": chunk,
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
+            "detokenizer": corpus.name if detokenizer else None, "eos": eos, "text8_chunk": chunk,
         }
         return load_or_build(
             self.cache_dir, key,
             documents=lambda: load_documents(corpus, split, self.cache_dir, path, text8_chunk=chunk),
-            tokenizer=self.tokenizer, detokenizer=get_detokenizer(corpus.name), eos_id=eos, num_proc=self.num_proc,
+            tokenizer=self.tokenizer, detokenizer=detokenizer, eos_id=eos, num_proc=self.num_proc,
         )
 
     def _blocks(self, role: str, corpus: Corpus, split: str) -> Dataset:

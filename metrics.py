@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from huggingface_hub import constants
 from torch import Tensor
 from torchmetrics import Metric
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
@@ -169,20 +168,15 @@ class GenerativePerplexity:
             return AutoTokenizer.from_pretrained(str(path)), AutoModelForCausalLM.from_pretrained(str(path))
         if path.is_absolute() or name_or_path.startswith((".", "~")):
             raise FileNotFoundError(f"eval model directory {name_or_path!r} does not exist. {advice}")
-        offline = constants.HF_HUB_OFFLINE or not dataloader.hub_reachable(constants.ENDPOINT)
+        local_only = dataloader.hub_local_only()
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=offline)
-            return tokenizer, AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=offline)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_only)
+            return tokenizer, AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=local_only)
         except (OSError, ValueError) as error:
-            if constants.HF_HUB_OFFLINE:
-                reason = "HF_HUB_OFFLINE is set and it is not in the local cache"
-            elif offline:
-                reason = "the Hugging Face hub is unreachable and it is not in the local cache"
-            else:
-                reason = "the Hugging Face hub could not provide it"
+            reason = dataloader.hub_failure_reason(local_only, "the Hugging Face hub could not provide it")
             raise OSError(
-                f"could not load eval model {name_or_path!r}: there is no local directory of that name "
-                f"and {reason} (or the name is wrong). {advice}"
+                f"could not load eval model {name_or_path!r}: there is no local directory of that name, "
+                f"{reason}, and it is not in the local cache (or the name is wrong). {advice}"
             ) from error
 
     @staticmethod

@@ -136,7 +136,9 @@ def to_key_padding_mask(attention_mask: Tensor | None, indices: Tensor) -> Tenso
 
     Returns:
         None if ``attention_mask`` is None or all ones (then attention runs exactly as without
-        it), else (B, L) bool, True at real tokens.
+        it), else (B, L) bool, True at real tokens. A CUDA mask is taken as it is: checking it
+        would synchronise with the GPU every step, and the losses pass one only when the batch
+        has padding (:meth:`algorithms.Algorithm.with_padding_mask`).
     """
     if attention_mask is None:
         return None
@@ -144,7 +146,7 @@ def to_key_padding_mask(attention_mask: Tensor | None, indices: Tensor) -> Tenso
         raise ValueError(f'attention_mask must be (B, L) = {tuple(indices.shape)}, '
                          f'got shape {tuple(attention_mask.shape)}')
     real = attention_mask.bool()
-    return None if bool(real.all()) else real
+    return None if not real.is_cuda and bool(real.all()) else real
 
 
 # --------------------------------------------------------------------------- rotary
