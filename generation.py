@@ -25,13 +25,11 @@ from diffusion import Diffusion
 from metrics import GenerativePerplexity, truncate_at_eos, unigram_entropy
 from samplers import ARSampler, Sampler, build_sampler
 
-SAMPLING_DTYPES = {True: torch.float64, False: torch.float32}  # sampling.float64
-
 
 def make_sampler(cfg: DictConfig, noise: Any, mask_index: int) -> Sampler | ARSampler:
     """The sampler for this parameterization: ``sampling.predictor``, or the AR sampler for ``ar``."""
     s = cfg.sampling
-    dtype = SAMPLING_DTYPES[bool(s.float64)]
+    dtype = "float64" if s.float64 else "float32"  # names samplers.check_sampling_dtype accepts
     if cfg.parameterization == "ar":
         return ARSampler(mask_index, temperature=s.temperature, top_p=s.top_p, use_cache=s.kv_cache, dtype=dtype)
     options: dict[str, Any] = {"time_conditioning": cfg.time_conditioning} if s.predictor == "ddpm_cache" else {}
