@@ -848,6 +848,11 @@ class DataModule(L.LightningDataModule):
         dataset = Indexed(self.data.valid_dataset())
         return self._loader(dataset, self.eval_batch_size, ShardSampler(len(dataset), world_size, rank), False)
 
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Mark whether the batch has padding while it is still on the CPU (``batch["padded"]``)."""
+        batch["padded"] = not bool(batch["attention_mask"].all())
+        return batch
+
     def state_dict(self) -> dict[str, int]:
         trainer = self.trainer
         if trainer is None:

@@ -115,14 +115,9 @@ class Diffusion(L.LightningModule):
             self.ema.load_state_dict(checkpoint["ema"])
 
     # ----------------------------------------------------------------- training
-    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        # Whether the batch has padding, decided on the CPU: checking the mask on the GPU
-        # inside the loss would synchronise with it every step.
-        if batch["attention_mask"].device.type == "cpu":
-            batch["padded"] = not bool(batch["attention_mask"].all())
-        return batch
-
     def _loss(self, batch: dict[str, Any], draws: Draws | None = None) -> LossOutput:
+        # batch["padded"]: whether the batch has padding, decided on the CPU by the data module
+        # (checking the mask on the GPU would synchronise with it every step); None = unknown.
         return self.algorithm.loss(
             self.backbone, batch["input_ids"], batch["attention_mask"], batch.get("padded"), draws=draws
         )
