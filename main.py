@@ -333,7 +333,7 @@ def ppl_eval(cfg: DictConfig, run_dir: Path) -> None:
     names = list(cfg.eval.datasets) or [cfg.data.name]
     results: dict[str, dict[str, float]] = {}
     for name in names:
-        dataset = data if name == cfg.data.name and not cfg.eval.datasets else instantiate(eval_data_config(cfg, name))
+        dataset = instantiate(eval_data_config(cfg, name)) if cfg.eval.datasets else data
         trainer.validate(module, datamodule=make_datamodule(cfg, dataset, train_plan, eval_plan), verbose=False)
         results[name] = module.last_val
         report_likelihood(module.last_val, f"Perplexity of {cfg.eval.checkpoint_path} on {name}")
