@@ -63,20 +63,35 @@ def _fsync_dir(folder: Path) -> None:
 class PreemptionCheckpoint(L.Callback):
     """Write ``<dirpath>/last.ckpt`` when training stops on SIGTERM (and only then).
 
-    Lightning raises ``SIGTERMException`` between batches after a SIGTERM, so the saved state
-    is consistent (a whole number of optimizer steps). Other exceptions save nothing: a crash
-    in the middle of a step could leave a half-updated state, and the last periodic checkpoint
-    is the safe place to resume from.
+    After a SIGTERM, Lightning finishes the current batch and raises ``SIGTERMException``. The
+    checkpoint is written at the end of that batch (``on_train_batch_end``), the same point
+    where the periodic checkpoints are written, so resuming from it is exact like resuming from
+    those (one process; with several, Lightning raises on all ranks together at the next batch
+    start and the checkpoint is written then). A SIGTERM outside a training batch (e.g. during
+    validation) saves when the exception arrives. Other exceptions save nothing: a crash in the
+    middle of a step could leave a half-updated state, and the last periodic checkpoint is the
+    safe place to resume from.
     """
 
     def __init__(self, dirpath: str | os.PathLike, filename: str = "last") -> None:
         self.path = Path(dirpath) / f"{filename}.ckpt"
+        self._saved_step: int | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        # One process only: with several, the flag may be set on some ranks and not yet on others
+        # (Lightning broadcasts it at the next batch start), and saving is collective.
+        if trainer.world_size == 1 and trainer.received_sigterm:
+            self._save(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException):
-            trainer.save_checkpoint(self.path)
-            if trainer.is_global_zero:
-                print(f"SIGTERM: saved {self.path} at step {trainer.global_step}; run the same command to resume.")
+        if isinstance(exception, SIGTERMException) and self._saved_step != trainer.global_step:
+            self._save(trainer)
+
+    def _save(self, trainer: L.Trainer) -> None:
+        trainer.save_checkpoint(self.path)
+        self._saved_step = trainer.global_step
+        if trainer.is_global_zero:
+            print(f"SIGTERM: saved {self.path} at step {trainer.global_step}; run the same command to resume.")
 
 
 def resume_checkpoint(last: Path, run_dir: Path) -> Path | None:
