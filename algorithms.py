@@ -1,18 +1,21 @@
 """The math of masked diffusion: forward process, parameterizations and their losses.
 
-Plain functions and one small class per parameterization; no Lightning here. The
-LightningModule in ``diffusion.py`` only wires these together. Every class takes the same
-constructor keywords (so ``main.py`` builds any of them from the config) and rejects the
-options it does not support with a ``ValueError`` that says what to do:
+Plain functions and one small class per algorithm; no Lightning here. The LightningModule
+in ``diffusion.py`` only wires these together. Each class is one config file
+``configs/algorithm/<name>.yaml`` whose keys are its constructor's arguments, and it rejects
+option values it does not support with a ``ValueError`` that says what to do:
 
-=========  ===========================================================  =================
-name       loss                                                         samplers
-=========  ===========================================================  =================
-``subs``   MDLM: SUBS NELBO, continuous time or discrete ``T``          ddpm, ddpm_cache
-``d3pm``   absorbing-state D3PM: ``T`` x per-step KL + reconstruction   ddpm, ddpm_cache
-``sedd``   SEDD: score entropy, continuous time                         analytic
-``ar``     next-token cross-entropy                                     the AR sampler
-=========  ===========================================================  =================
+========  ==============  ===========================================================  ================
+name      original name   loss                                                         default sampler
+========  ==============  ===========================================================  ================
+``mdlm``  ``subs``        SUBS NELBO, continuous time or discrete ``T``                ddpm_cache
+``d3pm``  ``d3pm``        absorbing-state D3PM: ``T`` x per-step KL + reconstruction   ddpm_cache
+``sedd``  ``sedd``        score entropy, continuous time                               analytic
+``ar``    ``ar``          next-token cross-entropy                                     ar
+========  ==============  ===========================================================  ================
+
+Which samplers fit an algorithm is stated once, by its ``denoiser_kind`` (and each sampler's
+``accepts``).
 
 Notation: ``x0`` clean tokens (B, L); ``xt`` noised tokens (B, L); ``V`` vocabulary size
 including the mask token; ``m`` the mask index; ``alpha_t = exp(-sigma(t))`` the probability
@@ -26,13 +29,14 @@ import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from noise_schedule import NoiseSchedule
+from samplers import LOG_SCORE, NEXT_TOKEN_LOGITS, X0_LOG_PROBS
 
 # Finite stand-in for log(0). -inf would turn 0 * log p into NaN and break softmax when a
 # row is all -inf. -1e6 is exact in fp32 and bf16, but overflows fp16: train in bf16/fp32.
@@ -318,64 +322,43 @@ def ar_nll(logits: Tensor, targets: Tensor, mask_index: int) -> Tensor:
 
 # --------------------------------------------------------------------------- algorithms
 class Algorithm(nn.Module):
-    """Shared constructor and option checks of the parameterizations.
+    """What every algorithm gives the LightningModule (a loss) and the samplers (a denoiser).
 
-    Args:
-        noise: the noise schedule.
-        mask_index: id of the mask token.
-        sampling_eps: continuous times are drawn in ``[sampling_eps, 1]``.
-        antithetic_sampling: one time per stratum of the batch (see :func:`sample_times`).
-        time_conditioning: feed sigma (or the change-of-variables time) to the network;
-            otherwise it sees 0.
-        T: number of discrete diffusion steps; 0 = continuous time.
-        subs_masking: D3PM only: zero probability on the mask token.
-        importance_sampling: draw the masking probability log-uniformly (subs, T = 0).
-        change_of_variables: the same draw, and condition the network on the uniform
-            variable instead of sigma (subs, T = 0, time_conditioning).
+    Each subclass is one config file ``configs/algorithm/<name>.yaml`` whose keys are its
+    constructor's arguments; ``mask_index`` comes at run time (``_partial_``). No caller asks
+    which algorithm it holds: it asks these attributes and methods.
+
+    Class attributes:
+        name: the config name (``algorithm=<name>``).
+        parameterization: the original MDLM's name for it (``parameterization=subs|d3pm|sedd|ar``),
+            recorded in Hugging Face exports.
+        causal: the backbone must be causal (``True``, next-token models) or bidirectional.
+        denoiser_kind: what :meth:`denoiser` returns; a sampler fits when its ``accepts`` is this
+            (:data:`samplers.X0_LOG_PROBS`, :data:`samplers.LOG_SCORE`, :data:`samplers.NEXT_TOKEN_LOGITS`).
+        default_sampler: ``configs/sampler/<name>.yaml`` used when no sampler is chosen.
+        model_options: constructor options that change what the network computes or is fed.
+            Evaluation takes every option from the checkpoint; a command line that contradicts
+            one of these is an error, while the others (e.g. an evaluation-time ``T``) may be changed.
     """
 
+    name: ClassVar[str]
     parameterization: ClassVar[str]
-    samplers: ClassVar[tuple[str, ...]]  # names in samplers.SAMPLERS that fit ``denoiser``
+    causal: ClassVar[bool] = False
+    denoiser_kind: ClassVar[str]
+    default_sampler: ClassVar[str]
+    model_options: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(
-        self,
-        noise: NoiseSchedule,
-        mask_index: int,
-        sampling_eps: float = 1e-3,
-        antithetic_sampling: bool = True,
-        time_conditioning: bool = False,
-        T: int = 0,
-        subs_masking: bool = False,
-        importance_sampling: bool = False,
-        change_of_variables: bool = False,
-    ) -> None:
+    def __init__(self, mask_index: int) -> None:
         super().__init__()
-        if not 0.0 <= sampling_eps < 1.0:
-            raise ValueError(f"training.sampling_eps must be in [0, 1), got {sampling_eps}.")
-        if isinstance(T, bool) or not isinstance(T, numbers.Integral) or T < 0:
-            raise ValueError(f"T must be an integer >= 0 (0 = continuous time), got {T!r}.")
-        self.noise = noise
-        self.mask_index = mask_index
-        self.sampling_eps = sampling_eps
-        self.antithetic_sampling = antithetic_sampling
-        self.time_conditioning = time_conditioning
-        self.T = int(T)
-        self.subs_masking = subs_masking
-        self.importance_sampling = importance_sampling
-        self.change_of_variables = change_of_variables
-        self.check_options()
-
-    def check_options(self) -> None:
-        """Raise a ValueError for every option this parameterization does not support."""
+        if isinstance(mask_index, bool) or not isinstance(mask_index, numbers.Integral) or mask_index < 0:
+            raise ValueError(f"mask_index must be an integer >= 0, got {mask_index!r}.")
+        self.mask_index = int(mask_index)
 
     def reject(self, option: str, fix: str) -> NoReturn:
-        """Raise the ValueError of an unsupported option, naming it, the parameterization and the fix."""
+        """Raise the ValueError of an unsupported option value, naming it, the algorithm and the fix."""
         value = getattr(self, option)
-        raise ValueError(f"{option}={value!r} is not supported by parameterization={self.parameterization!r}: {fix}")
-
-    def conditioning(self, sigma: Tensor) -> Tensor:
-        """What the backbone sees as its noise level: sigma, or 0 without time conditioning."""
-        return sigma if self.time_conditioning else torch.zeros_like(sigma)
+        raise ValueError(f"{option}={value!r} is not supported by algorithm={self.name!r} "
+                         f"(parameterization={self.parameterization!r}): {fix}")
 
     @staticmethod
     def with_padding_mask(backbone: Backbone, attention_mask: Tensor, padded: bool | None = None) -> Backbone:
@@ -393,13 +376,79 @@ class Algorithm(nn.Module):
             return backbone
         return functools.partial(backbone, attention_mask=attention_mask)
 
+    def loss(
+        self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor, padded: bool | None = None,
+        draws: Draws | None = None,
+    ) -> LossOutput:
+        """Per-token loss of a batch x0 (B, L); padding scores 0 and is not attended to.
+
+        ``padded``: whether ``attention_mask`` has a zero, when known; ``draws``: given random
+        numbers (:func:`item_draws`) instead of fresh ones.
+        """
+        raise NotImplementedError
+
+    def denoiser(self, backbone: nn.Module) -> Any:
+        """What this algorithm's samplers call (see ``denoiser_kind``)."""
+        raise NotImplementedError
+
+    def sampler_inputs(self) -> dict[str, Any]:
+        """The run-time arguments of a sampler's config (``instantiate(cfg.sampler)(**inputs)``)."""
+        return {"mask_index": self.mask_index}
+
+
+class MaskedDiffusion(Algorithm):
+    """Shared parts of the absorbing-state algorithms: times, forward process, conditioning, loss.
+
+    Args:
+        noise: the noise schedule.
+        mask_index: id of the mask token.
+        time_conditioning: feed sigma (or, for MDLM's change of variables, its uniform variable)
+            to the network; otherwise it sees 0.
+        antithetic_sampling: one time per stratum of the batch (see :func:`sample_times`).
+        sampling_eps: continuous times are drawn in ``[sampling_eps, 1]``.
+        T: number of discrete diffusion steps; 0 = continuous time.
+    """
+
+    denoiser_kind = X0_LOG_PROBS
+    default_sampler = "ddpm_cache"
+
+    def __init__(
+        self,
+        noise: NoiseSchedule,
+        mask_index: int,
+        time_conditioning: bool = False,
+        antithetic_sampling: bool = True,
+        sampling_eps: float = 1e-3,
+        T: int = 0,
+    ) -> None:
+        super().__init__(mask_index)
+        if not 0.0 <= sampling_eps < 1.0:
+            raise ValueError(f"sampling_eps (training.sampling_eps) must be in [0, 1), got {sampling_eps}.")
+        if isinstance(T, bool) or not isinstance(T, numbers.Integral) or T < 0:
+            raise ValueError(f"T must be an integer >= 0 (0 = continuous time), got {T!r}.")
+        self.noise = noise
+        self.time_conditioning = bool(time_conditioning)
+        self.antithetic_sampling = bool(antithetic_sampling)
+        self.sampling_eps = float(sampling_eps)
+        self.T = int(T)
+
+    def conditioning(self, sigma: Tensor) -> Tensor:
+        """What the backbone sees as its noise level: sigma, or 0 without time conditioning."""
+        return sigma if self.time_conditioning else torch.zeros_like(sigma)
+
     def sample_t(self, n: int, device: torch.device | str = "cpu", u: Tensor | None = None) -> Tensor:
-        """Training times (n,) of this parameterization (``u``: given uniforms in [0, 1))."""
-        raise NotImplementedError(f"{type(self).__name__} has no diffusion times")
+        """Training times (n,): continuous in [sampling_eps, 1], or on the T grid (``u``: given uniforms)."""
+        if self.T > 0:
+            return discrete_times(sample_times(n, 0.0, self.antithetic_sampling, device, u=u), self.T)
+        return sample_times(n, self.sampling_eps, self.antithetic_sampling, device, u=u)
 
     def diffusion_nll(self, backbone: Backbone, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
         """Per-token loss (B, L) at times t (B,) for xt ~ q(xt | x0)."""
-        raise NotImplementedError(f"{type(self).__name__} has no diffusion loss")
+        raise NotImplementedError
+
+    def reconstruction_nll(self, backbone: Backbone, x0: Tensor, u: Tensor | None = None) -> Tensor | None:
+        """The reconstruction term per token (B, L) at t = 0, or None where it is 0 by construction."""
+        return None
 
     def forward_process(self, x0: Tensor, draws: Draws | None = None) -> tuple[Tensor, Tensor]:
         """Times t (B,) from :meth:`sample_t` and xt (B, L) ~ q(xt | x0), from fresh or given draws."""
@@ -411,39 +460,56 @@ class Algorithm(nn.Module):
         self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor, padded: bool | None = None,
         draws: Draws | None = None,
     ) -> LossOutput:
-        """Per-token loss (B, L): ``diffusion_nll`` at one time sample per sequence.
-
-        Padding scores 0 and is not attended to (``padded``: whether the mask has a zero, when
-        known); ``draws``: given random numbers (:func:`item_draws`) instead of fresh ones.
-        """
+        """Per-token NELBO (B, L): ``diffusion_nll`` at one time per sequence, plus the
+        reconstruction term where the algorithm has one."""
         backbone = self.with_padding_mask(backbone, attention_mask, padded)
         t, xt = self.forward_process(x0, draws)
         nll = self.diffusion_nll(backbone, x0, xt, t)
+        reconstruction = self.reconstruction_nll(backbone, x0, None if draws is None else draws.mask)
+        if reconstruction is not None:
+            nll = nll + reconstruction
         return LossOutput(nll=nll * attention_mask, mask=attention_mask)
-
-    def denoiser(self, backbone: nn.Module) -> Denoiser:
-        """``(xt, sigma) -> log p_theta(x0 | xt)`` in SUBS form (zero mask probability,
-        carry-over) for the ``ddpm`` samplers; SEDD and AR override it."""
-
-        def denoise(xt: Tensor, sigma: Tensor) -> Tensor:
-            return subs_log_probs(backbone(xt, self.conditioning(sigma)), xt, self.mask_index)
-
-        return denoise
 
     def step_move_chances(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """Masking probabilities (m_t, m_s), float64 (B,), at grid times t = k/T and s = t - 1/T."""
         k = torch.round(t.double() * self.T)  # exact integers: t came from discrete_times
         return self.noise.move_chance(k / self.T), self.noise.move_chance((k - 1) / self.T)
 
+    def initial_state(self, x0: Tensor, u: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """z_0 (B, L) ~ q(. | x0) at t = 0 and the schedule's sigma(0) (B,)."""
+        level = self.noise(torch.zeros(x0.shape[0], device=x0.device))
+        return q_xt(x0, level.move_chance[:, None], self.mask_index, u=u), level.sigma
 
-class MDLM(Algorithm):
+    def denoiser(self, backbone: nn.Module) -> Denoiser:
+        """``(xt, sigma) -> log p_theta(x0 | xt)`` in SUBS form (zero mask probability, carry-over).
+
+        Its attribute ``time_conditioned`` tells samplers whether the output depends on sigma
+        (``ddpm_cache`` reuses it across steps only when it does not).
+        """
+
+        def denoise(xt: Tensor, sigma: Tensor) -> Tensor:
+            return subs_log_probs(backbone(xt, self.conditioning(sigma)), xt, self.mask_index)
+
+        denoise.time_conditioned = self.time_conditioning  # type: ignore[attr-defined]
+        return denoise
+
+    def sampler_inputs(self) -> dict[str, Any]:
+        return {"noise": self.noise, "mask_index": self.mask_index}
+
+
+class MDLM(MaskedDiffusion):
     """Masked diffusion with the SUBS parameterization (Sahoo et al. 2024).
 
     Continuous time (``T = 0``): per masked token ``-log p_theta(x0 | xt) * dsigma / expm1(sigma)``.
     Discrete time (``T > 0``): t uniform on {1/T, ..., 1}, per masked token
     ``T (alpha_s - alpha_t) / (1 - alpha_t) * -log p_theta(x0 | xt)`` with s = t - 1/T
-    (T times the per-step KL; see :func:`subs_discrete_weight`); no reconstruction term,
-    since carry-over makes it 0.
+    (T times the per-step KL; see :func:`subs_discrete_weight`).
+
+    Reconstruction: when the schedule masks tokens at t = 0 (``m(0) > 0``: linear, geometric),
+    the NELBO has the term ``-log p_theta(x0 | z_0)``, z_0 ~ q(. | x0) at t = 0, which with
+    carry-over is ``-log p_theta(x0^i | z_0)`` summed over the positions masked in z_0 (network
+    conditioned on sigma(0)). It is added in continuous and discrete time; where m(0) = 0
+    (loglinear, cosine, cosinesqr) it is exactly 0 and costs no network call.
 
     Importance sampling (``T = 0``): with ``f0 = log m(sampling_eps)`` and ``f1 = log m(1)``,
     draw ``u ~ U[0, 1)``, ``m = exp(f0 + u (f1 - f0))``, ``t = m^{-1}(m)``. The density of t is
@@ -454,13 +520,24 @@ class MDLM(Algorithm):
     network u instead of sigma.
     """
 
+    name = "mdlm"
     parameterization = "subs"
-    samplers = ("ddpm", "ddpm_cache")
+    model_options = ("time_conditioning", "change_of_variables")
 
-    def check_options(self) -> None:
-        if self.subs_masking:
-            self.reject("subs_masking", "SUBS always gives the mask token zero probability; subs_masking "
-                        "only applies to parameterization='d3pm'. Remove it.")
+    def __init__(
+        self,
+        noise: NoiseSchedule,
+        mask_index: int,
+        T: int = 0,
+        time_conditioning: bool = False,
+        sampling_eps: float = 1e-3,
+        antithetic_sampling: bool = True,
+        importance_sampling: bool = False,
+        change_of_variables: bool = False,
+    ) -> None:
+        super().__init__(noise, mask_index, time_conditioning, antithetic_sampling, sampling_eps, T)
+        self.importance_sampling = bool(importance_sampling)
+        self.change_of_variables = bool(change_of_variables)
         for option in ("importance_sampling", "change_of_variables"):
             if getattr(self, option) and self.T > 0:
                 self.reject(option, f"it is a continuous-time estimator; set T=0 or {option}=false.")
@@ -471,10 +548,11 @@ class MDLM(Algorithm):
             self.reject("change_of_variables", "it only changes what the network is conditioned on, and "
                         "without time conditioning the network sees 0; set time_conditioning=true, or use "
                         "importance_sampling=true instead.")
-        if (self.importance_sampling or self.change_of_variables) and not self.log_move_chance_range()[0].isfinite():
+        if self.log_uniform and not self.log_move_chance_range()[0].isfinite():
             option = "importance_sampling" if self.importance_sampling else "change_of_variables"
             self.reject(option, f"log m(sampling_eps) must be finite; set sampling_eps > 0 "
                         f"(got {self.sampling_eps}, where this schedule's masking probability is 0).")
+        self.masks_at_zero = bool(self.noise.move_chance(torch.zeros((), dtype=torch.float64)) > 0)
 
     @property
     def log_uniform(self) -> bool:
@@ -499,14 +577,12 @@ class MDLM(Algorithm):
 
     def sample_t(self, n: int, device: torch.device | str = "cpu", u: Tensor | None = None) -> Tensor:
         """Times (n,) for a batch: continuous, snapped to the T grid, or log-uniform in m (``u``: given uniforms)."""
-        if self.T > 0:
-            return discrete_times(sample_times(n, 0.0, self.antithetic_sampling, device, u=u), self.T)
         if self.log_uniform:
             u = sample_times(n, 0.0, self.antithetic_sampling, device, u=u).double()
             f0, f1 = self.log_move_chance_range(device)
             t = self.noise.inverse_move_chance(torch.exp(f0 + u * (f1 - f0)))
             return t.clamp(self.sampling_eps, 1.0).float()
-        return sample_times(n, self.sampling_eps, self.antithetic_sampling, device, u=u)
+        return super().sample_t(n, device, u)
 
     def diffusion_nll(self, backbone: Backbone, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
         """Per-token loss (B, L) at times t (B,) drawn by :meth:`sample_t`, for xt ~ q(xt | x0)."""
@@ -521,8 +597,16 @@ class MDLM(Algorithm):
             weight = self.noise(t).nelbo_weight
         return subs_nelbo(logits, x0, xt, self.mask_index, weight)
 
+    def reconstruction_nll(self, backbone: Backbone, x0: Tensor, u: Tensor | None = None) -> Tensor | None:
+        """``-log p_theta(x0 | z_0)`` per token (B, L), z_0 ~ q(. | x0) at t = 0; None when m(0) = 0."""
+        if not self.masks_at_zero:
+            return None
+        z0, sigma0 = self.initial_state(x0, u)
+        ones = torch.ones(x0.shape[0], device=x0.device)
+        return subs_nelbo(backbone(z0, self.conditioning(sigma0)), x0, z0, self.mask_index, ones)
 
-class D3PM(Algorithm):
+
+class D3PM(MaskedDiffusion):
     """Absorbing-state D3PM (Austin et al. 2021) in discrete time, as the paper's baseline.
 
     t uniform on {1/T, ..., 1}, s = t - 1/T, alpha from the schedule. Per token:
@@ -536,19 +620,23 @@ class D3PM(Algorithm):
     (``subs_masking=True``), an approximation otherwise.
     """
 
+    name = "d3pm"
     parameterization = "d3pm"
-    samplers = ("ddpm", "ddpm_cache")
+    model_options = ("time_conditioning", "subs_masking")
 
-    def check_options(self) -> None:
+    def __init__(
+        self,
+        noise: NoiseSchedule,
+        mask_index: int,
+        T: int = 0,
+        time_conditioning: bool = False,
+        subs_masking: bool = False,
+        antithetic_sampling: bool = True,
+    ) -> None:
+        super().__init__(noise, mask_index, time_conditioning, antithetic_sampling, 0.0, T)
+        self.subs_masking = bool(subs_masking)
         if self.T == 0:
             self.reject("T", "D3PM is a discrete-time model; set T=1000 (the paper's setting).")
-        for option in ("importance_sampling", "change_of_variables"):
-            if getattr(self, option):
-                self.reject(option, "it applies only to the continuous-time subs loss; set it to false.")
-
-    def sample_t(self, n: int, device: torch.device | str = "cpu", u: Tensor | None = None) -> Tensor:
-        """Grid times (n,) on {1/T, ..., 1}, uniform over the T steps (``u``: given uniforms)."""
-        return discrete_times(sample_times(n, 0.0, self.antithetic_sampling, device, u=u), self.T)
 
     def diffusion_nll(self, backbone: Backbone, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
         """``T * KL`` per token (B, L) at grid times t (B,), for xt ~ q(xt | x0)."""
@@ -559,27 +647,12 @@ class D3PM(Algorithm):
 
     def reconstruction_nll(self, backbone: Backbone, x0: Tensor, u: Tensor | None = None) -> Tensor:
         """``-log p_theta(x0 | z_0)`` per token (B, L), z_0 ~ q(. | x0) at t = 0 (``u``: given uniforms)."""
-        level = self.noise(torch.zeros(x0.shape[0], device=x0.device))
-        z0 = q_xt(x0, level.move_chance[:, None], self.mask_index, u=u)
-        log_p = d3pm_log_probs(backbone(z0, self.conditioning(level.sigma)), self.mask_index, self.subs_masking)
+        z0, sigma0 = self.initial_state(x0, u)
+        log_p = d3pm_log_probs(backbone(z0, self.conditioning(sigma0)), self.mask_index, self.subs_masking)
         return -log_p.gather(-1, x0[..., None]).squeeze(-1)
 
-    def loss(
-        self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor, padded: bool | None = None,
-        draws: Draws | None = None,
-    ) -> LossOutput:
-        """Per-token NELBO (B, L): diffusion term at one time per sequence plus reconstruction.
 
-        Padding scores 0 and is not attended to.
-        """
-        backbone = self.with_padding_mask(backbone, attention_mask, padded)
-        t, xt = self.forward_process(x0, draws)
-        nll = self.diffusion_nll(backbone, x0, xt, t) + self.reconstruction_nll(
-            backbone, x0, None if draws is None else draws.mask)
-        return LossOutput(nll=nll * attention_mask, mask=attention_mask)
-
-
-class SEDD(Algorithm):
+class SEDD(MaskedDiffusion):
     """Score-entropy discrete diffusion (Lou et al. 2024) for the absorbing process.
 
     Continuous time only. Per masked token ``dsigma * SE`` with the score of
@@ -589,19 +662,21 @@ class SEDD(Algorithm):
     ``analytic`` sampler.
     """
 
+    name = "sedd"
     parameterization = "sedd"
-    samplers = ("analytic",)
+    denoiser_kind = LOG_SCORE
+    default_sampler = "analytic"
+    model_options = ("time_conditioning",)
 
-    def check_options(self) -> None:
-        if self.T > 0:
-            self.reject("T", "the score-entropy loss is continuous-time only; set T=0.")
-        for option in ("importance_sampling", "change_of_variables", "subs_masking"):
-            if getattr(self, option):
-                self.reject(option, "it applies only to the subs / d3pm parameterizations; set it to false.")
-
-    def sample_t(self, n: int, device: torch.device | str = "cpu", u: Tensor | None = None) -> Tensor:
-        """Continuous times (n,) in [sampling_eps, 1] (``u``: given uniforms)."""
-        return sample_times(n, self.sampling_eps, self.antithetic_sampling, device, u=u)
+    def __init__(
+        self,
+        noise: NoiseSchedule,
+        mask_index: int,
+        time_conditioning: bool = False,
+        sampling_eps: float = 1e-3,
+        antithetic_sampling: bool = True,
+    ) -> None:
+        super().__init__(noise, mask_index, time_conditioning, antithetic_sampling, sampling_eps, 0)
 
     def diffusion_nll(self, backbone: Backbone, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
         """``dsigma * score entropy`` per token (B, L) at times t (B,), for xt ~ q(xt | x0)."""
@@ -615,6 +690,7 @@ class SEDD(Algorithm):
         def score(xt: Tensor, sigma: Tensor) -> Tensor:
             return sedd_log_score(backbone(xt, self.conditioning(sigma)), xt, sigma)
 
+        score.time_conditioned = True  # type: ignore[attr-defined]  # the score scales with sigma
         return score
 
 
@@ -623,18 +699,15 @@ class AR(Algorithm):
 
     ``logits = backbone(x0[:, :-1], None)`` (padding mask ``attention_mask[:, :-1]``) predict
     ``x0[:, 1:]``; the mask logit is set to NEG_INF (the vocabulary is shared with the diffusion
-    models); scored tokens are ``attention_mask[:, 1:]``. ``noise``, ``sampling_eps`` and
-    ``antithetic_sampling`` are accepted (the config always passes them) and unused.
+    models); scored tokens are ``attention_mask[:, 1:]``. Its "denoiser" is the causal backbone
+    itself (``model(tokens, None)``, ``new_cache``, ``forward_step``), which the AR sampler drives.
     """
 
+    name = "ar"
     parameterization = "ar"
-    samplers = ()
-
-    def check_options(self) -> None:
-        for option in ("T", "importance_sampling", "change_of_variables", "time_conditioning", "subs_masking"):
-            if getattr(self, option):
-                self.reject(option, "the AR baseline has no diffusion time or mask parameterization; "
-                            f"remove the {option} override.")
+    causal = True
+    denoiser_kind = NEXT_TOKEN_LOGITS
+    default_sampler = "ar"
 
     def loss(
         self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor, padded: bool | None = None,
@@ -646,18 +719,6 @@ class AR(Algorithm):
         mask = attention_mask[:, 1:]
         return LossOutput(nll=ar_nll(logits, x0[:, 1:], self.mask_index) * mask, mask=mask)
 
-    def denoiser(self, backbone: nn.Module) -> Denoiser:
-        raise ValueError("parameterization='ar' has no denoiser: AR models are sampled token by token "
-                         "with the AR sampler (samplers.ARSampler), not with a diffusion sampler.")
-
-
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.parameterization: cls for cls in (MDLM, D3PM, SEDD, AR)}
-
-
-def build_algorithm(parameterization: str, **kwargs: object) -> Algorithm:
-    """The algorithm for ``parameterization``; an unknown name lists the valid ones."""
-    if parameterization not in ALGORITHMS:
-        raise ValueError(
-            f"Unknown parameterization={parameterization!r}. Valid choices: {sorted(ALGORITHMS)}."
-        )
-    return ALGORITHMS[parameterization](**kwargs)
+    def denoiser(self, backbone: nn.Module) -> nn.Module:
+        """The causal backbone: ``(tokens (B, L), None) -> logits (B, L, V)`` plus its KV cache."""
+        return backbone

@@ -44,10 +44,14 @@ import omegaconf.nodes
 import torch
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf, open_dict
 from safetensors.torch import load_file
 from torch import Tensor
 
+import hub
+import registry
+from config_aliases import ALGORITHM_OF_PARAMETERIZATION
 from models.dit import Rotary
 from models.hf import MODEL_TYPE, MDLMConfig, MDLMForMaskedLM
 
@@ -58,8 +62,12 @@ ACCEPTED_FORMATS = (
     "a Hugging Face directory or hub repo in the kuleshov-group/mdlm-owt format "
     "(config.json with model_type 'mdlm' + model.safetensors) with backbone=hf_dit"
 )
-# Config keys that define the network (as main.ARCHITECTURE_KEYS).
-ARCHITECTURE_KEYS = ("model", "backbone", "noise", "parameterization", "time_conditioning", "subs_masking")
+# Config keys that define the network and what its loss means; evaluation takes them from the
+# checkpoint (:func:`adopt_checkpoint`). ``algorithm`` holds every option of the algorithm.
+ARCHITECTURE_KEYS = ("model", "backbone", "noise", "algorithm")
+# The original's flat keys from which checkpoints without an ``algorithm`` entry (the original's,
+# Hugging Face exports, ours before the algorithm group) record their algorithm.
+LEGACY_ALGORITHM_KEYS = ("parameterization", "T", "time_conditioning", "subs_masking", "training")
 BACKBONE_TARGETS = {"dit": "models.dit.DiT", "ar": "models.autoregressive.ARTransformer"}
 # Backbone config names (configs/backbone/*.yaml and the original's `backbone=`) -> the weights they hold.
 BACKBONE_KINDS = {"dit": "dit", "hf_dit": "dit", "ar": "ar"}
@@ -86,8 +94,10 @@ class LoadedCheckpoint:
         state_dict: backbone weights under ``backbone.`` names (as :class:`diffusion.Diffusion` has them).
         ema: the EMA state ``{"decay", "num_updates", "shadow_params"}`` (shadows in the order of the
             backbone's trainable parameters), or None.
-        config: the architecture in our config layout, a subset of :data:`ARCHITECTURE_KEYS`; a key
-            the checkpoint does not record (e.g. the released HF model's parameterization) is absent.
+        config: the architecture in our config layout, a subset of :data:`ARCHITECTURE_KEYS`, or for
+            checkpoints written before the algorithm group, of the original's flat keys
+            (:data:`LEGACY_ALGORITHM_KEYS`); a key the checkpoint does not record (e.g. the released
+            HF model's parameterization) is absent.
         format: ``"ours"``, ``"original"`` or ``"hf"``.
         source: the path or hub repo it was read from.
     """
@@ -113,7 +123,17 @@ class LoadedCheckpoint:
 
     @property
     def parameterization(self) -> str | None:
+        """The original's name of the algorithm (subs / d3pm / sedd / ar), if the checkpoint records it."""
+        algorithm = self.config.get("algorithm")
+        if isinstance(algorithm, dict) and "_target_" in algorithm:
+            return get_class(algorithm["_target_"]).parameterization
         return self.config.get("parameterization")
+
+    @property
+    def causal(self) -> bool:
+        """Whether the weights are of a causal (next-token) backbone."""
+        target = self.config.get("backbone", {}).get("_target_") or BACKBONE_TARGETS[weights_kind(self.state_dict)]
+        return bool(getattr(get_class(target), "causal", False))
 
     def weights(self, ema_parameter_names: Sequence[str] | None = None) -> dict[str, Tensor]:
         """The backbone state dict; with ``ema_parameter_names``, the EMA weights in place of the raw ones.
@@ -156,43 +176,117 @@ def backbone_config(kind: str, model: dict[str, Any]) -> dict[str, Any]:
     return {"_target_": BACKBONE_TARGETS["ar"], **sizes}
 
 
-def check_compatible(
-    loaded: LoadedCheckpoint,
-    parameterization: str,
-    given_parameterization: str | None = None,
-    given_backbone: str | None = None,
-) -> None:
-    """Refuse a parameterization or backbone that contradicts the checkpoint, naming both.
+def legacy_algorithm(cfg: DictConfig, saved: dict[str, Any]) -> dict[str, Any]:
+    """The ``algorithm`` entry of a checkpoint that records the original's flat keys.
+
+    The algorithm's YAML (``configs/algorithm/<name>.yaml``, whose values read the original's
+    key names: ``${T}``, ``${training.sampling_eps}`` ...) is resolved against the checkpoint's keys,
+    and against ``cfg`` for what the checkpoint does not record. The parameterization defaults
+    to the one ``cfg`` chose (the released HF model records none).
+    """
+    parameterization = saved.get("parameterization") or get_class(cfg.algorithm._target_).parameterization
+    if parameterization not in ALGORITHM_OF_PARAMETERIZATION:
+        raise ValueError(f"The checkpoint's parameterization={parameterization!r} is not one of "
+                         f"{sorted(ALGORITHM_OF_PARAMETERIZATION)}.")
+    recorded = {k: saved[k] for k in (*LEGACY_ALGORITHM_KEYS, "noise") if k in saved and k != "parameterization"}
+    base = OmegaConf.merge(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("algorithm", "sampler")]), recorded)
+    base.algorithm = registry.load("algorithm", ALGORITHM_OF_PARAMETERIZATION[parameterization])
+    return OmegaConf.to_container(base.algorithm, resolve=True)
+
+
+def _interpolated_keys(node: DictConfig) -> dict[str, str]:
+    """``{key: "path"}`` for the entries of ``node`` written as ``${path}`` (the knobs they read)."""
+    raw = OmegaConf.to_container(node, resolve=False)
+    return {k: v[2:-1] for k, v in raw.items() if isinstance(v, str) and v.startswith("${") and v.endswith("}")}
+
+
+def adopt_checkpoint(cfg: DictConfig, loaded: LoadedCheckpoint, given: dict[str, str],
+                     given_backbone: str | None = None) -> list[str]:
+    """Set ``cfg``'s architecture and algorithm to the checkpoint's; returns notes to print.
+
+    Everything that changes what the network computes or what the loss means travels with the
+    checkpoint: model, backbone, noise schedule and every option of the algorithm (time
+    conditioning, change of variables, T, sampling_eps ...). ``model.length`` given on the command
+    line is kept. An algorithm option given on the command line is kept when the algorithm allows
+    changing it at evaluation (e.g. an eval-time ``T`` sweep), and is an error when it is one of
+    the algorithm's ``model_options`` and contradicts the checkpoint.
 
     Args:
+        cfg: the composed run config (changed in place).
         loaded: the checkpoint.
-        parameterization: the run's parameterization, used when the checkpoint records none
-            (the released Hugging Face model).
-        given_parameterization: ``parameterization=`` given explicitly on the command line, or None.
-        given_backbone: ``backbone=`` given explicitly on the command line (a config name), or None.
+        given: ``{key: value}`` given on the command line (after :func:`config_aliases.translate`).
+        given_backbone: the ``backbone=`` config name given on the command line, or None.
 
     Raises:
-        ValueError: the command line names another parameterization or backbone than the
-            checkpoint's, or the parameterization cannot use its weights (AR weights need
-            ``parameterization=ar``, DiT weights a diffusion parameterization).
+        ValueError: the command line names another algorithm or backbone than the checkpoint's,
+            contradicts one of its model options, or the algorithm cannot use its weights.
     """
-    source, kind, saved = loaded.source, loaded.backbone_kind, loaded.parameterization
-    if given_backbone is not None and BACKBONE_KINDS.get(given_backbone, given_backbone) != kind:
+    source = loaded.source
+    if given_backbone is not None and BACKBONE_KINDS.get(given_backbone, given_backbone) != loaded.backbone_kind:
         raise ValueError(
-            f"eval.checkpoint_path={source} holds {kind} weights but the command line says backbone={given_backbone}: "
-            f"pass backbone={'ar' if kind == 'ar' else 'dit (or hf_dit)'}, or leave it out."
+            f"eval.checkpoint_path={source} holds {loaded.backbone_kind} weights but the command line says "
+            f"backbone={given_backbone}: leave backbone= out (the checkpoint's is used)."
         )
-    if saved is not None and given_parameterization is not None and given_parameterization != saved:
+    saved = loaded.config
+    algorithm = saved.get("algorithm") if "algorithm" in saved else legacy_algorithm(cfg, saved)
+    saved_cls, composed_cls = get_class(algorithm["_target_"]), get_class(cfg.algorithm._target_)
+    notes: list[str] = []
+    if "algorithm" in given and saved_cls is not composed_cls:
         raise ValueError(
-            f"eval.checkpoint_path={source} was trained with parameterization={saved} but the command line says "
-            f"parameterization={given_parameterization}: pass parameterization={saved}, or leave it out."
+            f"eval.checkpoint_path={source} was trained with algorithm={saved_cls.name} (parameterization="
+            f"{saved_cls.parameterization}) but the command line says algorithm={composed_cls.name}: leave it out, "
+            f"or pass algorithm={saved_cls.name}."
         )
-    used = saved or given_parameterization or parameterization
-    if (used == "ar") != (kind == "ar"):
-        needs = "parameterization=ar backbone=ar" if kind == "ar" else "a diffusion parameterization (subs, sedd, d3pm)"
+    for key, knob in _interpolated_keys(registry.load("algorithm", saved_cls.name)).items():
+        if key == "noise" or key not in algorithm:
+            continue
+        if knob in given:
+            name, value = knob, OmegaConf.select(cfg, knob)
+        elif f"algorithm.{key}" in given and saved_cls is composed_cls:
+            name, value = f"algorithm.{key}", cfg.algorithm[key]
+        else:
+            continue
+        if algorithm[key] == value:
+            continue
+        if key in saved_cls.model_options:
+            raise ValueError(
+                f"eval.checkpoint_path={source} was trained with {name}={algorithm[key]} but the command line "
+                f"says {name}={value}: it changes what the network computes; leave it out."
+            )
+        notes.append(f"Note: {name}={value} from the command line replaces the checkpoint's {algorithm[key]}.")
+        algorithm = {**algorithm, key: value}
+    if saved_cls.causal != loaded.causal:
+        needs = "algorithm=ar (parameterization=ar) with backbone=ar" if loaded.causal else "a diffusion algorithm"
+        raise ValueError(f"eval.checkpoint_path={source} holds {loaded.backbone_kind} weights, which "
+                         f"algorithm={saved_cls.name} cannot use: they need {needs}.")
+    length = cfg.model.length
+    with open_dict(cfg):
+        for key in ("model", "backbone", "noise"):
+            if key in saved:
+                cfg[key] = saved[key]
+        cfg.algorithm = algorithm
+        if "model.length" in given:
+            cfg.model.length = length
+    return notes
+
+
+def load_backbone_weights(backbone: torch.nn.Module, loaded: LoadedCheckpoint, use_ema: bool) -> None:
+    """Load the checkpoint's backbone weights (the EMA's when ``use_ema`` and it has one) into ``backbone``."""
+    names = [f"backbone.{n}" for n, p in backbone.named_parameters() if p.requires_grad] if use_ema else None
+    weights = {k.removeprefix("backbone."): v for k, v in loaded.weights(names).items()}
+    try:
+        backbone.load_state_dict(weights, strict=True)
+    except RuntimeError as error:
+        message = f"The weights in {loaded.source} do not fit the model built from its config: {error}"
+        raise ValueError(message) from error
+
+
+def check_vocabulary(loaded: LoadedCheckpoint, vocab_size: int, data_name: str) -> None:
+    """Refuse a data set whose tokenizer has another vocabulary size than the checkpoint's embedding."""
+    if loaded.vocab_size is not None and loaded.vocab_size != vocab_size:
         raise ValueError(
-            f"eval.checkpoint_path={source} holds {kind} weights, which parameterization={used} cannot use: "
-            f"they need {needs}."
+            f"The checkpoint's vocabulary has {loaded.vocab_size} entries but data={data_name} gives {vocab_size}: "
+            "evaluate with the data/tokenizer the model was trained on."
         )
 
 
@@ -309,12 +403,17 @@ def _ema_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
 
 def _from_ours(checkpoint: dict[str, Any], source: str) -> LoadedCheckpoint:
     saved = checkpoint["config"]
-    config = {key: saved[key] for key in ARCHITECTURE_KEYS if key in saved}
+    keys = ARCHITECTURE_KEYS if "algorithm" in saved else (*ARCHITECTURE_KEYS, *LEGACY_ALGORITHM_KEYS)
+    config = {key: saved[key] for key in keys if key in saved}
     weights = _backbone_tensors(checkpoint["state_dict"], source)
     return LoadedCheckpoint(weights, _ema_state(checkpoint), config, "ours", source)
 
 
 # --------------------------------------------------------------------------- the original's checkpoints
+# The original's training options that change what the loss means or what the network is fed.
+ORIGINAL_TRAINING_KEYS = ("sampling_eps", "antithetic_sampling", "importance_sampling", "change_of_variables")
+
+
 def _original_config(checkpoint: dict[str, Any], source: str) -> DictConfig:
     """The original's Hydra config: ``hyper_parameters["config"]`` (or the hyper-parameters themselves)."""
     hparams = checkpoint["hyper_parameters"]
@@ -344,10 +443,12 @@ def _select(config: DictConfig, key: str, source: str, default: Any = None) -> A
 
 
 def _original_noise(config: DictConfig, parameterization: str, source: str) -> dict[str, Any] | None:
+    """Our noise config for the original's ``noise`` entry; None for an algorithm that takes no schedule."""
     noise_type = _select(config, "noise.type", source)
+    algorithm = registry.target_class("algorithm", ALGORITHM_OF_PARAMETERIZATION.get(parameterization, "mdlm"))
+    if noise_type not in ORIGINAL_NOISE and "noise" not in inspect.signature(algorithm).parameters:
+        return None  # e.g. the AR model, whose config's noise entry means nothing
     if noise_type not in ORIGINAL_NOISE:
-        if parameterization == "ar":
-            return None  # the AR model uses no noise schedule
         raise ValueError(f"{source}: noise.type={noise_type!r} is not supported; valid: {sorted(ORIGINAL_NOISE)}.")
     target, fixed, keys = ORIGINAL_NOISE[noise_type]
     return {"_target_": target, **fixed, **{k: float(_select(config, f"noise.{k}", source)) for k in keys}}
@@ -374,7 +475,11 @@ def _from_original(checkpoint: dict[str, Any], source: str) -> LoadedCheckpoint:
         "parameterization": parameterization,
         "time_conditioning": bool(_select(original, "time_conditioning", source, default=False)),
         "subs_masking": bool(_select(original, "subs_masking", source, default=False)),
+        "T": int(_select(original, "T", source, default=0)),
     }
+    training = _select(original, "training", source, default=None)
+    if isinstance(training, dict):
+        config["training"] = {k: training[k] for k in ORIGINAL_TRAINING_KEYS if k in training}
     noise = _original_noise(original, parameterization, source)
     if noise is not None:
         config["noise"] = noise
@@ -384,9 +489,7 @@ def _from_original(checkpoint: dict[str, Any], source: str) -> LoadedCheckpoint:
 # --------------------------------------------------------------------------- Hugging Face format
 def _hub_snapshot(repo_id: str, trust_remote_code: bool) -> Path:
     """Download (or find in the cache when offline) the config and weights of hub repo ``repo_id``."""
-    from dataloader import hub_failure_reason, hub_local_only  # lightning comes with it: only when needed
-
-    offline = hub_local_only()
+    offline = hub.hub_local_only()
     patterns = ["config.json", "model*.safetensors", "model.safetensors.index.json"]
     if trust_remote_code:
         patterns.append("*.py")
@@ -397,7 +500,7 @@ def _hub_snapshot(repo_id: str, trust_remote_code: bool) -> Path:
                                             local_files_only=offline))
         return folder
     except (OSError, ValueError, HfHubHTTPError) as error:
-        reason = hub_failure_reason(offline, "the hub has no such repo")
+        reason = hub.hub_failure_reason(offline, "the hub has no such repo")
         raise FileNotFoundError(
             f"eval.checkpoint_path={repo_id} does not exist as a local path, {reason}, and it is not in the "
             "local Hugging Face cache. Download it where the hub is reachable (e.g. "
@@ -456,6 +559,11 @@ def _architecture_from_hf(raw: dict[str, Any], name: str) -> dict[str, Any]:
     for key in ("parameterization", "noise", "subs_masking"):
         if getattr(hf, key) is not None:
             config[key] = getattr(hf, key)
+    algorithm = getattr(hf, "algorithm", None)
+    if isinstance(algorithm, dict) and "_target_" in algorithm:
+        config["algorithm"] = algorithm  # every option of the algorithm, as our exports record it
+    elif isinstance(algorithm, dict):
+        config.update(algorithm)  # the original's flat keys (T, training) of an exported original checkpoint
     return config
 
 
@@ -482,17 +590,21 @@ def _load_hf_directory(folder: Path, source: str, trust_remote_code: bool) -> Lo
 def hf_config(loaded: LoadedCheckpoint) -> MDLMConfig:
     """The :class:`models.hf.MDLMConfig` of a DiT checkpoint."""
     backbone = loaded.config.get("backbone", {})
-    if loaded.backbone_kind != "dit" or backbone.get("causal") or backbone.get("mlp_ratio", 4) != 4:
+    if loaded.backbone_kind != "dit" or loaded.causal or backbone.get("mlp_ratio", 4) != 4:
         raise ValueError(
             f"{loaded.source} holds {loaded.backbone_kind} weights; the Hugging Face MDLM format holds the "
             "bidirectional DiT only (MDLM, SEDD, D3PM checkpoints), not the AR transformer."
         )
     model, config = loaded.config["model"], loaded.config
+    algorithm = config.get("algorithm")
+    flat = algorithm if isinstance(algorithm, dict) else config
+    if not isinstance(algorithm, dict):  # a checkpoint with the original's flat keys: keep the ones MDLMConfig lacks
+        algorithm = {k: config[k] for k in ("T", "training") if k in config} or None
     return MDLMConfig(
         vocab_size=loaded.vocab_size, model_length=model["length"], hidden_dim=model["hidden_size"],
         cond_dim=model["cond_dim"], n_blocks=model["n_blocks"], n_heads=model["n_heads"], dropout=model["dropout"],
-        time_conditioning=bool(config.get("time_conditioning", False)), parameterization=config.get("parameterization"),
-        noise=config.get("noise"), subs_masking=config.get("subs_masking"),
+        time_conditioning=bool(flat.get("time_conditioning", False)), parameterization=loaded.parameterization,
+        noise=config.get("noise"), subs_masking=flat.get("subs_masking"), algorithm=algorithm,
     )
 
 

@@ -14,9 +14,10 @@ original pipeline fed it to the tokenizer (a PTB / LM1B line stripped, a WikiTex
 newline and blank lines as ``""``, a LAMBADA passage, an OpenWebText document, a text8 chunk).
 Detokenization happens later (:mod:`detokenizers`), at tokenization time.
 
-Offline: if ``HF_DATASETS_OFFLINE`` / ``HF_HUB_OFFLINE`` is set, only the local Hugging Face
-cache is read; if the hub is unreachable and neither is set, the error says so at once instead
-of retrying for a minute. Either way the error names the data set and both ways out.
+Offline: if ``HF_DATASETS_OFFLINE`` / ``HF_HUB_OFFLINE`` is set (:func:`hub.datasets_offline`),
+only the local Hugging Face cache is read; if the hub is unreachable and neither is set, the
+error says so at once instead of retrying for a minute. Either way the error names the data set
+and both ways out.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from typing import Literal
 
 import datasets
 from huggingface_hub import constants
+
+import hub
 
 Split = Literal["train", "validation", "test"]
 LineRule = Literal["strip", "keep_newline", "paragraph"]
@@ -207,11 +210,11 @@ def stream_documents(
                 _read_text_files, gen_kwargs={"files": [str(f) for f in files], "rule": corpus.line_rule})
         total = None
     else:
-        if offline_mode():
+        if hub.datasets_offline():
             raise DataUnavailableError(_unavailable_message(corpus, True, False, None))
-        hub = corpus.hub
-        builder = datasets.load_dataset_builder(hub.path, hub.name, revision=hub.revision)
-        stream = datasets.load_dataset(hub.path, hub.name, revision=hub.revision, split=split, streaming=True)
+        repo = corpus.hub
+        builder = datasets.load_dataset_builder(repo.path, repo.name, revision=repo.revision)
+        stream = datasets.load_dataset(repo.path, repo.name, revision=repo.revision, split=split, streaming=True)
         total = builder.info.splits[split].num_examples if builder.info.splits else None
     column = next((c for c in (corpus.text_column, "text") if c in (stream.column_names or ["text"])), "text")
     stream = stream.select_columns([column]).rename_column(column, "text") if column != "text" else stream
@@ -390,35 +393,27 @@ def _text8_documents(path: Path, split: str, chunk: int | None) -> datasets.Data
 
 
 # --------------------------------------------------------------------------- hub and URLs
-def offline_mode() -> bool:
-    """Whether the user asked for offline use (``HF_DATASETS_OFFLINE`` or ``HF_HUB_OFFLINE``)."""
-    flags = (os.environ.get("HF_DATASETS_OFFLINE", ""), os.environ.get("HF_HUB_OFFLINE", ""))
-    return constants.HF_HUB_OFFLINE or any(f.upper() in ("1", "ON", "YES", "TRUE") for f in flags)
-
-
 def _remote_documents(corpus: Corpus, split: str, cache_dir: Path, text8_chunk: int | None) -> datasets.Dataset:
-    from dataloader import hub_reachable  # the TCP probe shared with tokenizer loading
-
-    offline = offline_mode()
+    offline = hub.datasets_offline()
     downloads = cache_dir / "downloads"
     url = corpus.urls.get(split) or corpus.urls.get("all")
     local = downloads / Path(url).name if url else None  # text8 and text8-crop share the zip
     per_split = split in corpus.urls
     if local is not None and local.exists():  # downloaded before
         return _local_documents(corpus, _unpacked(local), split, cache_dir, text8_chunk, per_split)
-    reachable = not offline and hub_reachable(constants.ENDPOINT)
+    reachable = not offline and hub.hub_reachable(constants.ENDPOINT)
     if corpus.hub is not None and (offline or reachable):
         try:
-            hub = corpus.hub
+            repo = corpus.hub
             table = datasets.load_dataset(
-                hub.path, hub.name, revision=hub.revision, split=split, cache_dir=str(cache_dir / "hf")
+                repo.path, repo.name, revision=repo.revision, split=split, cache_dir=str(cache_dir / "hf")
             )
             return _text_column(table, corpus, f"hub {corpus.hub.path}")
         except Exception as error:  # noqa: BLE001 - any hub failure falls through to the URL or the clear error
             hub_error = error
     else:
         hub_error = None
-    if url is not None and not offline and hub_reachable(url):
+    if url is not None and not offline and hub.hub_reachable(url):
         try:
             path = _unpacked(_download(url, local))
             return _local_documents(corpus, path, split, cache_dir, text8_chunk, per_split)

@@ -20,23 +20,20 @@ import json
 import math
 import os
 import re
-import socket
-import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlparse
 
 import lightning as L
 import numpy as np
 import torch
-from huggingface_hub import constants
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+import hub
 from corpora import Corpus, get_corpus, load_documents, source_files, stream_documents
 from data_cache import TokenStream, default_cache_dir, load_or_build, source_fingerprint, tokenizer_fingerprint
 from detokenizers import get_detokenizer
@@ -46,10 +43,6 @@ from synthetic import BOS_ID, EOS_ID, WORD_OFFSET, MarkovSource, build_tokenizer
 # chain itself (synthetic.SOURCE_STREAM), so the three never share random numbers.
 TRAIN_STREAM = 1
 VALID_STREAM = 2
-
-# Seconds to wait for a TCP connection to the hub before treating it as unreachable: offline,
-# huggingface_hub otherwise retries for ~50 s before failing.
-HUB_PROBE_TIMEOUT_S = 3.0
 
 MASK_TEXT = "[MASK]"  # how decode() renders a still-masked position
 
@@ -349,9 +342,9 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
     A directory is loaded with ``AutoTokenizer.from_pretrained``. Anything else is taken as
     a hub name: if ``HF_HUB_OFFLINE`` is set, or no TCP connection to the hub opens within
-    ``HUB_PROBE_TIMEOUT_S`` (skipped when a proxy is configured), only the local cache is
-    tried, so an offline failure takes seconds instead of ~50 s of retries. Failure raises
-    ``OSError`` saying what to pass instead.
+    ``hub.HUB_PROBE_TIMEOUT_S`` (skipped when a proxy is configured), only the local cache is
+    tried (:func:`hub.hub_local_only`), so an offline failure takes seconds instead of ~50 s
+    of retries. Failure raises ``OSError`` saying what to pass instead.
     """
     if name_or_path == "text8":
         return build_text8_tokenizer()
@@ -360,11 +353,11 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(str(path))
     if path.is_absolute() or name_or_path.startswith((".", "~")):
         raise FileNotFoundError(f"tokenizer directory {name_or_path!r} does not exist")
-    local_only = hub_local_only()
+    local_only = hub.hub_local_only()
     try:
         return AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_only)
     except (OSError, ValueError) as error:
-        reason = hub_failure_reason(local_only, "the Hugging Face hub has no such tokenizer")
+        reason = hub.hub_failure_reason(local_only, "the Hugging Face hub has no such tokenizer")
         raise OSError(
             f"could not load tokenizer {name_or_path!r}: there is no local directory of that name, "
             f"{reason}, and it is not in the local cache (or the name is wrong). Pass a local "
@@ -372,40 +365,6 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
             f"data.tokenizer_name_or_path=/path/to/gpt2_tokenizer (one written by "
             f"tokenizer.save_pretrained), or set HF_HUB_OFFLINE=1 with a warm Hugging Face cache."
         ) from error
-
-
-def hub_local_only() -> bool:
-    """Whether hub loads may read the local cache only: ``HF_HUB_OFFLINE`` is set or the hub is unreachable."""
-    return constants.HF_HUB_OFFLINE or not hub_reachable(constants.ENDPOINT)
-
-
-def hub_failure_reason(local_only: bool, missing: str) -> str:
-    """Why a hub load failed: offline by choice, the hub unreachable, or ``missing`` (it has no such thing)."""
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
-    return "the Hugging Face hub is unreachable" if local_only else missing
-
-
-def hub_reachable(endpoint: str, timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to ``endpoint`` opens within ``timeout_s`` (DNS included)."""
-    if any(os.environ.get(var) for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # a direct connection says nothing about the proxy; let the hub client try
-    url = urlparse(endpoint)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    result: list[bool] = []  # filled by the probe thread
-    done = threading.Event()
-
-    def probe() -> None:
-        try:
-            socket.create_connection((url.hostname, port), timeout=timeout_s).close()
-            result.append(True)
-        except OSError:
-            result.append(False)
-        done.set()
-
-    # A daemon thread, because DNS resolution ignores the socket timeout and may hang.
-    threading.Thread(target=probe, daemon=True).start()
-    return done.wait(timeout_s) and result[0]
 
 
 def vocab_and_mask(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:

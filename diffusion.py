@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from algorithms import Algorithm, Draws, LossOutput, item_draws
 from metrics import NLLMetric
 from models.ema import ExponentialMovingAverage
-from samplers import ARSampler, SampleOutput, Sampler, semi_ar_sample
+from samplers import SampleOutput, Sampler, semi_ar_sample
 
 
 def step_seed(seed: int, rank: int, epoch: int, batch_idx: int) -> int:
@@ -46,6 +46,9 @@ class Diffusion(L.LightningModule):
             ``(seed, rank, epoch, batch index)`` (:func:`step_seed`), so the noise and dropout of
             a batch do not depend on what ran before it: a run resumed from a checkpoint draws
             exactly the random numbers of the uninterrupted run.
+        mc_samples: time / mask draws per validation sequence (the NLL is their mean).
+        sampler: the run's sampler (``configs/sampler/``), used for samples during training
+            (:class:`callbacks.GenerativePerplexityCallback`) and after it.
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class Diffusion(L.LightningModule):
         run_config: dict[str, Any] | None = None,
         seed: int = 0,
         mc_samples: int = 1,
+        sampler: Sampler | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -69,11 +73,10 @@ class Diffusion(L.LightningModule):
         if mc_samples < 1:
             raise ValueError(f"eval.mc_samples must be >= 1; got {mc_samples}")
         self.mc_samples = mc_samples
+        self.sampler = sampler
         self.ema = ExponentialMovingAverage(self.trainable_parameters(), ema_decay) if ema_decay > 0 else None
+        self._ema_active = False  # the EMA weights are swapped in (ema_weights)
         self.val_metric = NLLMetric()
-        # Optional (set by main.py): module -> {"gen_ppl": ..., "entropy": ...} for a few samples,
-        # logged after each validation (eval.compute_generative_perplexity during training).
-        self.sample_evaluator: Callable[[Diffusion], dict[str, float]] | None = None
         self.last_val: dict[str, float] = {}
 
     # ----------------------------------------------------------------- parameters, EMA
@@ -82,22 +85,23 @@ class Diffusion(L.LightningModule):
 
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[None]:
-        """Swap the EMA weights in for the duration of the block."""
-        if self.ema is None:
+        """Swap the EMA weights in for the duration of the block.
+
+        Re-entrant: inside an active swap (validation holds one from its start to its end, and
+        callbacks such as :class:`callbacks.GenerativePerplexityCallback` sample inside it) it
+        does nothing, so the raw weights stored by the outer swap are never overwritten.
+        """
+        if self.ema is None or self._ema_active:
             yield
             return
         self.ema.store(self.trainable_parameters())
         self.ema.copy_to(self.trainable_parameters())
+        self._ema_active = True
         try:
             yield
         finally:
+            self._ema_active = False
             self.ema.restore(self.trainable_parameters())
-
-    def use_ema_weights_permanently(self) -> None:
-        """For evaluation only: load the EMA weights into the model and drop the EMA."""
-        if self.ema is not None:
-            self.ema.copy_to(self.trainable_parameters())
-            self.ema = None
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -193,15 +197,12 @@ class Diffusion(L.LightningModule):
         for key in ("nll", "bpd", "ppl", "true_nll", "gap"):
             if key in results:
                 self.log(f"val/{key}", results[key], prog_bar=key in ("nll", "true_nll"))
-        if self.sample_evaluator is not None and not self.trainer.sanity_checking and self.trainer.is_global_zero:
-            for key, value in self.sample_evaluator(self).items():
-                self.log(f"val/{key}", value, rank_zero_only=True)
 
     # ----------------------------------------------------------------- sampling
     @torch.no_grad()
     def generate(
         self,
-        sampler: Sampler | ARSampler,
+        sampler: Sampler,
         x: Tensor,
         generator: torch.Generator | None = None,
         progress: bool = False,
@@ -209,8 +210,8 @@ class Diffusion(L.LightningModule):
     ) -> SampleOutput:
         """Fill the masked positions of ``x`` (B, L) with the EMA weights in eval mode.
 
-        Diffusion samplers get the algorithm's denoiser; the AR sampler drives the causal
-        backbone (and its KV cache) directly. ``semi_ar = (stride_length, num_strides)``:
+        The sampler gets the algorithm's denoiser (for AR, the causal backbone with its KV
+        cache). ``semi_ar = (stride_length, num_strides)``:
         semi-autoregressive continuation (:func:`samplers.semi_ar_sample`), output
         ``(B, L + num_strides * stride_length)``.
         """
@@ -219,8 +220,6 @@ class Diffusion(L.LightningModule):
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else contextlib.nullcontext()
         try:
             with self.ema_weights(), autocast:
-                if isinstance(sampler, ARSampler):
-                    return sampler.sample(self.backbone, x, generator=generator, progress=progress)
                 denoiser = self.algorithm.denoiser(self.backbone)
                 if semi_ar is not None:
                     return semi_ar_sample(sampler, denoiser, x, *semi_ar, generator=generator, progress=progress)

@@ -1,7 +1,7 @@
 """sample_eval's pipeline: templates (unconditional, prefix, infill), sampling, scoring.
 
 Used by ``main.py`` (``mode=sample_eval``, and a few samples after training) and by the
-training-time generative perplexity (:func:`sample_evaluator`). Per sample it records the
+training-time generative perplexity (:class:`callbacks.GenerativePerplexityCallback`). Per sample it records the
 text, the sampler settings, NFE, seconds, the seed, the unigram entropy of its tokens and,
 when an eval LM is given, its generative perplexity (:class:`metrics.GenerativePerplexity`:
 loaded once, text after the first EOS left out unless ``eval.gen_ppl_truncate_at_eos=false``).
@@ -11,68 +11,83 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor
 
-import utils
+import registry
+from algorithms import Algorithm
 from conditioning import infill_template, prefix_template
 from dataloader import block_special_ids, decode
 from diffusion import Diffusion
 from metrics import GenerativePerplexity, truncate_at_eos, unigram_entropy
-from samplers import ARSampler, Sampler, build_sampler
+from samplers import Sampler, check_fits
 
 
-def make_sampler(cfg: DictConfig, noise: Any, mask_index: int) -> Sampler | ARSampler:
-    """The sampler for this parameterization: ``sampling.predictor``, or the AR sampler for ``ar``."""
-    s = cfg.sampling
-    dtype = "float64" if s.float64 else "float32"  # names samplers.check_sampling_dtype accepts
-    if cfg.parameterization == "ar":
-        return ARSampler(mask_index, temperature=s.temperature, top_p=s.top_p, use_cache=s.kv_cache, dtype=dtype)
-    options: dict[str, Any] = {"time_conditioning": cfg.time_conditioning} if s.predictor == "ddpm_cache" else {}
-    return build_sampler(s.predictor, noise=noise, mask_index=mask_index, steps=s.steps, eps=s.eps,
-                         noise_removal=s.noise_removal, dtype=dtype, **options)
+def make_sampler(sampler_config: DictConfig, algorithm: Algorithm, float64: bool = True) -> Sampler:
+    """The sampler of ``configs/sampler/*.yaml`` for ``algorithm``, with its run-time inputs.
+
+    The config is a ``_partial_`` class; the algorithm supplies the noise schedule and mask index
+    (:meth:`algorithms.Algorithm.sampler_inputs`), ``float64`` the precision of the draws. A
+    sampler that does not accept the algorithm's denoiser is an error naming those that do.
+    """
+    dtype = "float64" if float64 else "float32"  # names samplers.check_sampling_dtype accepts
+    sampler = instantiate(sampler_config)(**algorithm.sampler_inputs(), dtype=dtype)
+    check_fits(sampler, algorithm.denoiser_kind, algorithm.name, registry.samplers_accepting(algorithm.denoiser_kind))
+    return sampler
 
 
-def sample_template(cfg: DictConfig, tokenizer: Any, mask_index: int, ar: bool) -> Tensor:
-    """(1, L): all masks (BOS first for AR), ``[BOS] prefix`` then masks, or an infill template."""
-    s, length = cfg.sampling, cfg.model.length
+def sample_template(
+    tokenizer: Any, length: int, mask_index: int, sampler: Sampler, prefix: str | None = None,
+    infill: str | None = None,
+) -> Tensor:
+    """(1, L): all masks (BOS first for a left-to-right sampler), ``[BOS] prefix`` then masks, or an infill template."""
     bos, eos = block_special_ids(tokenizer)
-    if s.prefix is not None and s.infill is not None:
+    if prefix is not None and infill is not None:
         raise ValueError("set sampling.prefix or sampling.infill, not both")
-    if s.prefix is not None:
-        return prefix_template(tokenizer, str(s.prefix), length, mask_index, bos)
-    if s.infill is not None:
-        if ar:
-            raise ValueError("sampling.infill needs a diffusion model: an AR model only continues a prefix")
-        return infill_template(tokenizer, str(s.infill), length, mask_index, bos, eos)
+    if prefix is not None:
+        return prefix_template(tokenizer, str(prefix), length, mask_index, bos)
+    if infill is not None:
+        if sampler.left_to_right:
+            raise ValueError(f"sampling.infill needs a diffusion sampler: sampler={sampler.name} only continues a "
+                             "prefix (use sampling.prefix)")
+        return infill_template(tokenizer, str(infill), length, mask_index, bos, eos)
     template = torch.full((1, length), mask_index, dtype=torch.long)
-    if ar:
-        template[:, 0] = bos  # the AR sampler's given first token
+    if sampler.left_to_right:
+        template[:, 0] = bos  # the given first token of a left-to-right sampler
     return template
 
 
 def generate_samples(
-    cfg: DictConfig, module: Diffusion, data: Any, mask_index: int, num_batches: int, batch_size: int
+    module: Diffusion,
+    sampler: Sampler,
+    template: Tensor,
+    tokenizer: Any,
+    num_batches: int,
+    batch_size: int,
+    seed: int,
+    semi_ar: tuple[int, int] | None = None,
+    source: Any = None,
 ) -> list[dict[str, Any]]:
-    """Sample ``num_batches`` batches; one record per sample (text, tokens, settings, NFE, seconds, seed)."""
-    accelerator, _ = utils.resolve_accelerator(cfg.trainer.accelerator, 1)
-    device = torch.device("cuda" if accelerator == "cuda" else "cpu")
-    module.to(device)
-    sampler = make_sampler(cfg, module.algorithm.noise, mask_index)
-    ar = isinstance(sampler, ARSampler)
-    template = sample_template(cfg, data.tokenizer, mask_index, ar).to(device)
-    s = cfg.sampling
-    semi_ar = (s.stride_length, s.num_strides) if s.semi_ar else None
-    if semi_ar and ar:
-        raise ValueError("sampling.semi_ar applies to diffusion models; an AR model is sampled token by token")
+    """Sample ``num_batches`` batches of ``template`` (1, L) on the module's device.
+
+    One record per sample: text, tokens, sampler, steps, NFE, seconds, seed, index in batch,
+    length, and with a ``source`` of known law (``source.has_true_nll``) the sample's exact
+    NLL per token under it. ``semi_ar = (stride_length, num_strides)``.
+    """
+    if semi_ar and sampler.left_to_right:
+        raise ValueError(f"sampling.semi_ar applies to diffusion samplers; sampler={sampler.name} generates "
+                         "token by token")
+    device = next(module.parameters()).device
+    template = template.to(device)
+    mask_index = module.algorithm.mask_index
     records = []
     for batch_index in range(num_batches):
-        seed = cfg.seed * 1_000_003 + batch_index
-        generator = torch.Generator(device).manual_seed(seed)
+        batch_seed = seed * 1_000_003 + batch_index
+        generator = torch.Generator(device).manual_seed(batch_seed)
         start = time.perf_counter()
         out = module.generate(sampler, template.expand(batch_size, -1).clone(), generator=generator, progress=True,
                               semi_ar=semi_ar)
@@ -80,14 +95,15 @@ def generate_samples(
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         tokens = out.tokens.cpu()
-        texts = decode(data.tokenizer, tokens, mask_index)
-        true_nll = data.true_nll_of(tokens) if getattr(data, "has_true_nll", False) and not semi_ar else None
+        texts = decode(tokenizer, tokens, mask_index)
+        true_nll = source.true_nll_of(tokens) if getattr(source, "has_true_nll", False) and not semi_ar else None
         for i, text in enumerate(texts):
-            record = {"text": text, "tokens": tokens[i].tolist(), "sampler": "ar" if ar else s.predictor,
-                      "steps": s.steps, "nfe": out.nfe, "seconds": seconds / batch_size, "seed": seed,
-                      "index_in_batch": i, "length": tokens.shape[1], "float64": bool(s.float64)}
+            record = {"text": text, "tokens": tokens[i].tolist(), "sampler": sampler.name,
+                      "steps": getattr(sampler, "steps", None), "nfe": out.nfe, "seconds": seconds / batch_size,
+                      "seed": batch_seed, "index_in_batch": i, "length": tokens.shape[1],
+                      "float64": sampler.dtype == torch.float64}
             if semi_ar:
-                record.update(stride_length=s.stride_length, num_strides=s.num_strides)
+                record.update(stride_length=semi_ar[0], num_strides=semi_ar[1])
             if true_nll is not None:
                 record["true_nll_per_token"] = float(true_nll[i]) / tokens.shape[1]
             records.append(record)
@@ -123,30 +139,13 @@ def score_samples(
     return summary
 
 
-def load_scorer(cfg: DictConfig) -> GenerativePerplexity:
-    accelerator, _ = utils.resolve_accelerator(cfg.trainer.accelerator, 1)
-    return GenerativePerplexity(cfg.eval.gen_ppl_eval_model, device="cuda" if accelerator == "cuda" else "cpu",
-                                batch_size=cfg.eval.gen_ppl_batch_size)
-
-
-def sample_evaluator(cfg: DictConfig, data: Any, mask_index: int) -> Callable[[Diffusion], dict[str, float]]:
-    """For training: a few samples scored for generative perplexity and entropy (eval LM loaded once)."""
-    scorer = load_scorer(cfg)
-
-    def evaluate(module: Diffusion) -> dict[str, float]:
-        records = generate_samples(cfg, module, data, mask_index, 1, cfg.eval.gen_ppl_num_samples)
-        summary = score_samples(records, data.tokenizer, scorer, cfg.eval.gen_ppl_truncate_at_eos)
-        return {"gen_ppl": summary["gen_ppl"], "entropy": summary["mean_entropy"]}
-
-    return evaluate
-
-
 def print_samples(records: list[dict[str, Any]], limit: int) -> None:
     for r in records[:limit]:
         where = f"seed {r['seed']}, #{r['index_in_batch']}"
         scores = f", gen. PPL {r['gen_ppl']:.2f}" if "gen_ppl" in r else ""
         entropy = f", entropy {r['entropy']:.2f}" if "entropy" in r else ""
-        print(f"--- sample ({where}, {r['sampler']}, {r['steps']} steps, NFE {r['nfe']}{scores}{entropy})")
+        steps = f", {r['steps']} steps" if r.get("steps") is not None else ""
+        print(f"--- sample ({where}, {r['sampler']}{steps}, NFE {r['nfe']}{scores}{entropy})")
         print(r["text"])
     if records:
         seconds = sum(r["seconds"] for r in records) / len(records)

@@ -10,6 +10,8 @@ import csv
 import functools
 import inspect
 import json
+import signal
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -19,60 +21,94 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+import config_aliases
+import registry
 import utils
-from algorithms import build_algorithm
-from checkpoints import check_compatible, load_checkpoint
+from checkpoints import adopt_checkpoint, check_vocabulary, load_backbone_weights, load_checkpoint
 from dataloader import DataModule, vocab_and_mask
 from diffusion import Diffusion
 from fault_tolerance import AtomicCheckpointIO, resume_checkpoint
-from generation import generate_samples, load_scorer, print_samples, sample_evaluator, score_samples
+from generation import generate_samples, make_sampler, print_samples, sample_template, score_samples
+from metrics import GenerativePerplexity
 
-CORPUS_TARGET = "dataloader.CorpusData"  # the data configs that eval.datasets can name
-# Config keys that define the network; for evaluation they come from the checkpoint. (T is
-# not one: a continuous-time model can be evaluated with any discrete T.)
-ARCHITECTURE_KEYS = ("model", "backbone", "noise", "parameterization", "time_conditioning", "subs_masking")
+# Keys that moved into the algorithm / sampler groups: set in an experiment file, they would be ignored.
+MOVED_KEYS = {"parameterization": "- override /algorithm: NAME (mdlm, d3pm, sedd, ar) in its defaults list",
+              "sampling.predictor": "- override /sampler: NAME in its defaults list",
+              "diffusion": "nothing (remove it)", "eval.generate_samples": "nothing (remove it)"}
 
 
 # --------------------------------------------------------------------------- building blocks
+def check_options_read(cfg: DictConfig, given: dict[str, str]) -> None:
+    """An option given on the command line that the chosen algorithm does not read is an error.
+
+    The options are the original's top-level names that ``configs/algorithm/*.yaml`` and
+    ``configs/sampler/*.yaml`` read (``T: ${T}``, ``steps: ${sampling.steps}``, ...). An unread
+    sampler option (``sampling.steps`` with the AR sampler) only gets a note: the original's
+    scripts pass it to every model. Setting an option to its default in ``configs/config.yaml``
+    is allowed (the original's command lines pass e.g. ``time_conditioning=false`` to every model).
+    """
+    algorithm, sampler = get_class(cfg.algorithm._target_), get_class(cfg.sampler._target_)
+    read = (registry.option_knobs("algorithm", registry.option_of_class("algorithm", algorithm))
+            | registry.option_knobs("sampler", registry.option_of_class("sampler", sampler)))
+    defaults = OmegaConf.load(registry.CONFIGS / "config.yaml")
+    for knob in sorted(registry.option_knobs("algorithm") | registry.option_knobs("sampler")):
+        if knob not in given or knob in read:
+            continue
+        if given[knob].lower() == str(OmegaConf.select(defaults, knob)).lower():
+            continue
+        if knob in registry.option_knobs("sampler"):
+            print(f"Note: {knob}={given[knob]} is not read by sampler={sampler.name}; it has no effect.")
+            continue
+        raise ValueError(
+            f"{knob}={given[knob]} is not an option of algorithm={algorithm.name}, so it would be ignored; remove it. "
+            f"algorithm={algorithm.name} reads: {sorted(read) or 'none of them'}."
+        )
+
+
+def check_combination(cfg: DictConfig) -> None:
+    """The backbone, algorithm and sampler fit together; otherwise an error naming the valid choices."""
+    algorithm = get_class(cfg.algorithm._target_)
+    backbone = get_class(cfg.backbone._target_)
+    if algorithm.causal != bool(getattr(backbone, "causal", False)):
+        needs = ("a causal backbone: backbone=ar (e.g. model=small-ar)" if algorithm.causal else
+                 "a bidirectional backbone: backbone=dit, or backbone=dimamba with model=tiny-dimamba")
+        raise ValueError(f"algorithm={algorithm.name} with backbone {backbone.__name__}: it needs {needs}.")
+    sampler = get_class(cfg.sampler._target_)
+    if sampler.accepts != algorithm.denoiser_kind:
+        fitting = registry.samplers_accepting(algorithm.denoiser_kind)
+        raise ValueError(
+            f"sampler={sampler.name} does not apply to algorithm={algorithm.name} (parameterization="
+            f"{algorithm.parameterization}); valid choices: {fitting} (sampler=NAME, or the original's "
+            "sampling.predictor=NAME). Leave it out for the default, "
+            f"{algorithm.default_sampler}."
+        )
+
+
 def validate_config(cfg: DictConfig) -> None:
-    """Reject invalid combinations before any data is loaded, naming the valid choices."""
-    backbone = HydraConfig.get().runtime.choices.get("backbone")
-    if (cfg.parameterization == "ar") != (backbone == "ar"):
-        raise ValueError(
-            f"parameterization={cfg.parameterization} with backbone={backbone}: the AR baseline needs "
-            "backbone=ar parameterization=ar (e.g. model=small-ar); diffusion parameterizations need a "
-            "bidirectional backbone (backbone=dit or backbone=dimamba with model=tiny-dimamba)."
-        )
-    algorithm = build_algorithm(cfg.parameterization, mask_index=0, **algorithm_options(cfg))
-    valid = getattr(algorithm, "samplers", ())
-    if cfg.parameterization != "ar" and cfg.sampling.predictor not in valid:
-        raise ValueError(
-            f"sampling.predictor={cfg.sampling.predictor} does not apply to parameterization={cfg.parameterization}; "
-            f"valid choices: {list(valid)}."
-        )
+    """Reject invalid combinations before any data is loaded, naming the valid choices.
 
-
-def algorithm_options(cfg: DictConfig) -> dict[str, Any]:
-    return {
-        "noise": instantiate(cfg.noise),
-        "sampling_eps": cfg.training.sampling_eps,
-        "antithetic_sampling": cfg.training.antithetic_sampling,
-        "time_conditioning": cfg.time_conditioning,
-        "T": cfg.T,
-        "subs_masking": cfg.subs_masking,
-        "importance_sampling": cfg.training.importance_sampling,
-        "change_of_variables": cfg.training.change_of_variables,
-    }
+    In the evaluation modes the algorithm comes from the checkpoint, so :func:`load_for_eval`
+    checks the options given on the command line after adopting it.
+    """
+    for key, fix in MOVED_KEYS.items():
+        if OmegaConf.select(cfg, key) is not None:
+            raise ValueError(f"{key} is set in a config file, but it moved: write {fix}. "
+                             "(On the command line the original's names still work.)")
+    if cfg.mode == "train":
+        check_options_read(cfg, command_line_overrides())
+    check_combination(cfg)
 
 
 def build_module(cfg: DictConfig, vocab_size: int, mask_index: int) -> Diffusion:
     backbone = instantiate(cfg.backbone, vocab_size=vocab_size)
-    algorithm = build_algorithm(cfg.parameterization, mask_index=mask_index, **algorithm_options(cfg))
+    algorithm = instantiate(cfg.algorithm)(mask_index=mask_index)
+    sampler = make_sampler(cfg.sampler, algorithm, bool(cfg.sampling.float64))
     optimizer = functools.partial(
         torch.optim.AdamW,
         lr=cfg.optim.lr,
@@ -89,6 +125,7 @@ def build_module(cfg: DictConfig, vocab_size: int, mask_index: int) -> Diffusion
         run_config=OmegaConf.to_container(cfg, resolve=True),
         seed=cfg.seed,
         mc_samples=cfg.eval.mc_samples,
+        sampler=sampler,
     )
 
 
@@ -175,68 +212,63 @@ def command_line_overrides() -> dict[str, str]:
     return given
 
 
-def adopt_checkpoint_architecture(cfg: DictConfig, architecture: dict[str, Any], given: dict[str, str]) -> None:
-    """Set the architecture keys the checkpoint records; ``model.length`` stays if given on the command line.
+def choose_sampler(cfg: DictConfig, given: dict[str, str]) -> None:
+    """After a checkpoint's algorithm was adopted: its default sampler, unless one was chosen.
 
-    Keys the checkpoint does not record (the released Hugging Face model has no parameterization
-    or noise schedule) keep the command line's values.
+    A sampler chosen on the command line is kept (and checked by :func:`check_combination`).
     """
-    length = cfg.model.length
+    algorithm = get_class(cfg.algorithm._target_)
+    if "sampler" in given or get_class(cfg.sampler._target_).accepts == algorithm.denoiser_kind:
+        return
     with open_dict(cfg):
-        for key in ARCHITECTURE_KEYS:
-            if key not in architecture:
-                continue
-            value = architecture[key]
-            if key in given and not isinstance(value, dict) and given[key].lower() != str(value).lower():
-                print(f"Note: {key}={given[key]} on the command line is ignored; the checkpoint's {key}={value} "
-                      "is used.")
-            cfg[key] = value
-        if "model.length" in given:
-            cfg.model.length = length
+        cfg.sampler = registry.load("sampler", algorithm.default_sampler)
 
 
 def load_for_eval(cfg: DictConfig, vocab_size: int, mask_index: int) -> Diffusion:
     """Build the model recorded in ``eval.checkpoint_path`` and load its (EMA) weights.
 
     Accepts our checkpoints, the original MDLM code's (mdlm.ckpt, ar.ckpt, sedd.ckpt) and the
-    Hugging Face format (see :mod:`checkpoints`). The architecture comes from the checkpoint;
-    ``model.length`` and whatever the checkpoint does not record from the command line.
+    Hugging Face format (see :mod:`checkpoints`). Architecture and every algorithm option come
+    from the checkpoint (:func:`checkpoints.adopt_checkpoint`); ``model.length``, evaluation
+    options such as ``T`` and whatever the checkpoint does not record from the command line.
     """
     if not cfg.eval.checkpoint_path:
         raise ValueError(f"mode={cfg.mode} needs eval.checkpoint_path=/path/to/checkpoints/last.ckpt.")
     loaded = load_checkpoint(cfg.eval.checkpoint_path, trust_remote_code=bool(cfg.eval.get("trust_remote_code")))
     given = command_line_overrides()
     backbone = HydraConfig.get().runtime.choices.get("backbone") if "backbone" in given else None
-    check_compatible(loaded, cfg.parameterization, given.get("parameterization"), backbone)
-    adopt_checkpoint_architecture(cfg, loaded.config, given)
+    for note in adopt_checkpoint(cfg, loaded, given, backbone):
+        print(note)
+    choose_sampler(cfg, given)
+    check_options_read(cfg, given)
+    check_combination(cfg)
+    check_vocabulary(loaded, vocab_size, cfg.data.name)
     use_ema = loaded.ema is not None and not cfg.eval.disable_ema
+    algorithm = OmegaConf.to_container(cfg.algorithm, resolve=True)
+    options = ", ".join(f"{k}={v}" for k, v in algorithm.items() if not k.startswith("_") and k != "noise")
     print(
         f"Loaded {loaded.format} checkpoint {loaded.source}: backbone {loaded.backbone_kind}, model={cfg.model.name}, "
-        f"parameterization={cfg.parameterization}, time_conditioning={cfg.time_conditioning}, "
+        f"algorithm={get_class(cfg.algorithm._target_).name} ({options}), "
         f"length {cfg.model.length}{' (from the command line)' if 'model.length' in given else ''}, "
         f"{'EMA' if use_ema else 'raw'} weights."
     )
-    if loaded.vocab_size is not None and loaded.vocab_size != vocab_size:
-        raise ValueError(
-            f"The checkpoint's vocabulary has {loaded.vocab_size} entries but data={cfg.data.name} gives {vocab_size}: "
-            "evaluate with the data/tokenizer the model was trained on."
-        )
     module = build_module(cfg, vocab_size, mask_index)
-    samplers = module.algorithm.samplers
-    if cfg.mode == "sample_eval" and cfg.parameterization != "ar" and cfg.sampling.predictor not in samplers:
-        raise ValueError(
-            f"the checkpoint is a parameterization={cfg.parameterization} model; sampling.predictor="
-            f"{cfg.sampling.predictor} does not apply to it. Valid choices: {list(samplers)}."
-        )
-    names = [n for n, p in module.named_parameters() if p.requires_grad] if use_ema else None
-    weights = {k.removeprefix("backbone."): v for k, v in loaded.weights(names).items()}
-    try:
-        module.backbone.load_state_dict(weights, strict=True)
-    except RuntimeError as error:
-        message = f"The weights in {loaded.source} do not fit the model built from its config: {error}"
-        raise ValueError(message) from error
+    load_backbone_weights(module.backbone, loaded, use_ema)
     module.ema = None  # evaluation uses the loaded weights as they are (EMA or raw)
     return module
+
+
+def generate_from_config(cfg: DictConfig, module: Diffusion, data: Any, num_batches: int,
+                         batch_size: int) -> list[dict[str, Any]]:
+    """``generation.generate_samples`` with the template, seed, semi-AR windows and device of ``cfg``."""
+    accelerator, _ = utils.resolve_accelerator(cfg.trainer.accelerator, 1)
+    module.to("cuda" if accelerator == "cuda" else "cpu")
+    s, sampler = cfg.sampling, module.sampler
+    template = sample_template(data.tokenizer, cfg.model.length, module.algorithm.mask_index, sampler,
+                               prefix=s.prefix, infill=s.infill)
+    semi_ar = (s.stride_length, s.num_strides) if s.semi_ar else None
+    return generate_samples(module, sampler, template, data.tokenizer, num_batches, batch_size, cfg.seed,
+                            semi_ar=semi_ar, source=data)
 
 
 # --------------------------------------------------------------------------- reports
@@ -256,8 +288,6 @@ def report_likelihood(results: dict[str, float], title: str) -> None:
 def train(cfg: DictConfig, run_dir: Path) -> None:
     data, vocab_size, mask_index = build_data(cfg)
     module = build_module(cfg, vocab_size, mask_index)
-    if cfg.eval.compute_generative_perplexity:
-        module.sample_evaluator = sample_evaluator(cfg, data, mask_index)
     trainer, train_plan, eval_plan = build_trainer(cfg, run_dir)
     print(
         f"Batch: {train_plan.per_device} per device x {train_plan.world_size} processes "
@@ -268,13 +298,20 @@ def train(cfg: DictConfig, run_dir: Path) -> None:
     resume = resume_checkpoint(ckpt_path, run_dir) if cfg.checkpointing.resume_from_ckpt else None
     if resume is not None:
         print(f"Resuming from {resume}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=None if resume is None else str(resume))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=None if resume is None else str(resume))
+    except SIGTERMException:
+        # Preempted: checkpoints/last.ckpt was written (fault_tolerance.PreemptionCheckpoint). Exit as
+        # killed by SIGTERM, so that a job chain or scheduler does not take the run for finished.
+        print(f"Training was stopped by SIGTERM at step {trainer.global_step}; exiting with status "
+              f"{128 + signal.SIGTERM}. Run the same command to resume.")
+        sys.exit(128 + signal.SIGTERM)
     trainer.validate(module, datamodule=datamodule, verbose=False)
     report_likelihood(module.last_val, "Final validation (EMA weights)")
     if not trainer.is_global_zero:
         return
     if cfg.sampling.num_sample_log > 0:
-        records = generate_samples(cfg, module, data, mask_index, 1, cfg.sampling.num_sample_log)
+        records = generate_from_config(cfg, module, data, 1, cfg.sampling.num_sample_log)
         print_samples(records, cfg.sampling.num_sample_log)
     experiment = HydraConfig.get().runtime.choices.get("experiment")
     prefix = f"python main.py{f' experiment={experiment}' if experiment else ''}"
@@ -291,18 +328,20 @@ def eval_data_config(cfg: DictConfig, name: str) -> DictConfig:
     every data set is prepared exactly as the model's training data was. ``eval.data_paths.<name>``
     points to a local copy.
     """
-    folder = Path(__file__).resolve().parent / "configs" / "data"
-    choices = sorted(p.stem for p in folder.glob("*.yaml") if OmegaConf.load(p).get("_target_") == CORPUS_TARGET)
+    choices = registry.corpus_names()
     if name not in choices:
         raise ValueError(f"eval.datasets: {name!r} is not a data set config; valid: {choices}")
+    paths = cfg.eval.get("data_paths") or {}
+    unknown = sorted(set(paths) - set(choices))
+    if unknown:
+        raise ValueError(f"eval.data_paths: {unknown} are not data set configs; valid: {choices}")
     base = cfg.data
     if "tokenizer_name_or_path" not in base:
         raise ValueError(
             f"eval.datasets needs the model's tokenizer, but data={base.name} has its own built-in vocabulary. "
             "Pass the data config the model was trained with, e.g. data=openwebtext-split."
         )
-    own = OmegaConf.load(folder / f"{name}.yaml")
-    paths = cfg.eval.get("data_paths") or {}
+    own = registry.load("data", name)
     return OmegaConf.merge(own, {
         "name": name, "tokenizer_name_or_path": base.tokenizer_name_or_path, "block_size": cfg.model.length,
         "wrap": base.get("wrap", True), "insert_valid_eos": base.get("insert_valid_eos", True),
@@ -349,11 +388,14 @@ def ppl_eval(cfg: DictConfig, run_dir: Path) -> None:
 def sample_eval(cfg: DictConfig, run_dir: Path) -> None:
     data, vocab_size, mask_index = build_data(cfg)
     module = load_for_eval(cfg, vocab_size, mask_index)
-    _, devices = utils.resolve_accelerator(cfg.trainer.accelerator, cfg.trainer.devices)
+    accelerator, devices = utils.resolve_accelerator(cfg.trainer.accelerator, cfg.trainer.devices)
     world_size = devices * cfg.trainer.num_nodes
     eval_plan = utils.plan_batches(cfg.loader.eval_global_batch_size, world_size, cfg.loader.eval_batch_size)
-    scorer = load_scorer(cfg) if cfg.eval.compute_generative_perplexity else None  # fail early, load once
-    records = generate_samples(cfg, module, data, mask_index, cfg.sampling.num_sample_batches, eval_plan.per_device)
+    scorer = None
+    if cfg.eval.compute_generative_perplexity:  # fail early, load once
+        scorer = GenerativePerplexity(cfg.eval.gen_ppl_eval_model, device="cuda" if accelerator == "cuda" else "cpu",
+                                      batch_size=cfg.eval.gen_ppl_batch_size)
+    records = generate_from_config(cfg, module, data, cfg.sampling.num_sample_batches, eval_plan.per_device)
     summary = score_samples(records, data.tokenizer, scorer, cfg.eval.gen_ppl_truncate_at_eos)
     path = run_dir / "samples.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -362,7 +404,7 @@ def sample_eval(cfg: DictConfig, run_dir: Path) -> None:
             f.write(json.dumps(record) + "\n")
     print_samples(records, len(records))
     s = cfg.sampling
-    summary.update(checkpoint=str(cfg.eval.checkpoint_path), sampler=records[0]["sampler"], steps=s.steps,
+    summary.update(checkpoint=str(cfg.eval.checkpoint_path), sampler=records[0]["sampler"], steps=records[0]["steps"],
                    nfe=records[0]["nfe"], length=records[0]["length"], float64=bool(s.float64), semi_ar=bool(s.semi_ar),
                    eval_model=cfg.eval.gen_ppl_eval_model if scorer else None)
     utils.write_json(run_dir / "sample_results.json", summary)
@@ -396,4 +438,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = config_aliases.translate(sys.argv[1:])  # the original's override names (config_aliases.py)
     main()

@@ -23,7 +23,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-import dataloader
+import hub
 
 LN2 = math.log(2.0)
 
@@ -33,46 +33,67 @@ class NLLMetric(Metric):
 
     ``update`` takes per-sequence totals: ``nll_sum`` (B,) nats and ``num_tokens`` (B,),
     and optionally ``reference_nll_sum`` (B,), e.g. the exact NLL of the data source on the
-    same tokens. ``compute`` returns
+    same tokens. Sequences with no tokens are ignored. With, for sequence ``i`` of the ``S``
+    kept ones, ``a_i`` = nll_sum, ``n_i`` = num_tokens, ``r_i`` = reference and
+    ``d_i = a_i - r_i``, ``compute`` returns
 
-    - ``nll`` = sum nll / sum tokens, ``bpd`` = nll / ln 2, ``ppl`` = exp(nll);
-    - ``nll_stderr``: standard error of the per-sequence mean NLL over sequences (the
-      Monte-Carlo plus data sampling error of ``nll``);
-    - with a reference: ``true_nll`` likewise, and ``gap`` = nll - true_nll with its paired
-      standard error ``gap_stderr`` (both computed on the same sequences).
+    - ``nll`` = R = sum a / sum n, ``bpd`` = nll / ln 2, ``ppl`` = exp(nll);
+    - ``nll_stderr``: the delta-method (ratio-estimator) standard error of R over sequences,
+      ``Var(R) ~ sum_i (a_i - R n_i)^2 / (S (S - 1) nbar^2)`` with ``nbar = sum n / S``
+      (0 for a single sequence), evaluated from sums as
+      ``sum a^2 - 2 R sum a n + R^2 sum n^2`` (clamped at 0 against rounding). It is the
+      Monte-Carlo plus data sampling error of ``nll``; with equal ``n_i`` it equals the
+      standard error of the per-sequence means ``a_i / n_i`` exactly;
+    - with a reference: ``true_nll`` = sum r / sum n and ``gap`` = sum d / sum n, i.e.
+      ``nll - true_nll`` of the same token-weighted sums (not a mean of per-sequence gaps),
+      with its paired standard error ``gap_stderr`` (the formula above with ``d_i`` for
+      ``a_i``). The sums behind these three run over the sequences updated with a
+      reference; when every update has one they are the sequences behind ``nll``.
+
+    The states are float64 sums of ``a, n, a^2, n^2, a n`` (and of ``r, d, d^2, d n, n, n^2``
+    over the sequences with a reference), so summing them over processes is exact.
     """
 
     full_state_update = False
+    _STATES = (
+        "nll", "tokens", "seqs", "nll_sq", "tokens_sq", "nll_tokens",
+        "ref", "ref_tokens", "ref_tokens_sq", "ref_seqs", "gap", "gap_sq", "gap_tokens",
+    )
 
     def __init__(self) -> None:
         super().__init__()
-        for name in ("nll", "tokens", "seqs", "seq_mean", "seq_mean_sq", "ref", "ref_seqs", "gap", "gap_sq"):
+        for name in self._STATES:
             self.add_state(name, default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.set_dtype(torch.float64)
 
     def update(self, nll_sum: Tensor, num_tokens: Tensor, reference_nll_sum: Tensor | None = None) -> None:
         nll_sum, num_tokens = nll_sum.double(), num_tokens.double()
         keep = num_tokens > 0
-        nll_sum, num_tokens = nll_sum[keep], num_tokens[keep]
-        seq_mean = nll_sum / num_tokens
-        self.nll += nll_sum.sum()
-        self.tokens += num_tokens.sum()
+        a, n = nll_sum[keep], num_tokens[keep]
+        self.nll += a.sum()
+        self.tokens += n.sum()
         self.seqs += keep.sum()
-        self.seq_mean += seq_mean.sum()
-        self.seq_mean_sq += seq_mean.square().sum()
+        self.nll_sq += a.square().sum()
+        self.tokens_sq += n.square().sum()
+        self.nll_tokens += (a * n).sum()
         if reference_nll_sum is not None:
-            ref = reference_nll_sum.double()[keep]
-            gap = seq_mean - ref / num_tokens
-            self.ref += ref.sum()
+            r = reference_nll_sum.double()[keep]
+            d = a - r
+            self.ref += r.sum()
+            self.ref_tokens += n.sum()
+            self.ref_tokens_sq += n.square().sum()
             self.ref_seqs += keep.sum()
-            self.gap += gap.sum()
-            self.gap_sq += gap.square().sum()
+            self.gap += d.sum()
+            self.gap_sq += d.square().sum()
+            self.gap_tokens += (d * n).sum()
 
     @staticmethod
-    def _stderr(total: Tensor, total_sq: Tensor, n: Tensor) -> Tensor:
-        mean = total / n
-        var = (total_sq / n - mean.square()).clamp_min(0) * n / (n - 1).clamp_min(1)
-        return (var / n).sqrt()
+    def _ratio_stderr(x: Tensor, x_sq: Tensor, x_n: Tensor, n: Tensor, n_sq: Tensor, seqs: Tensor) -> Tensor:
+        """Delta-method standard error of ``sum x / sum n`` from the sums over ``seqs`` sequences."""
+        ratio = x / n
+        resid = (x_sq - 2 * ratio * x_n + ratio.square() * n_sq).clamp_min(0)  # sum (x_i - R n_i)^2
+        var = resid * seqs / ((seqs - 1).clamp_min(1) * n.square())  # = resid / (S (S-1) nbar^2)
+        return torch.where(seqs == 1, torch.zeros_like(var), var).sqrt()  # resid is 0 up to rounding
 
     def compute(self) -> dict[str, Tensor]:
         nll = self.nll / self.tokens
@@ -80,13 +101,17 @@ class NLLMetric(Metric):
             "nll": nll,
             "bpd": nll / LN2,
             "ppl": nll.exp(),
-            "nll_stderr": self._stderr(self.seq_mean, self.seq_mean_sq, self.seqs),
+            "nll_stderr": self._ratio_stderr(
+                self.nll, self.nll_sq, self.nll_tokens, self.tokens, self.tokens_sq, self.seqs
+            ),
             "num_tokens": self.tokens,
         }
         if self.ref_seqs > 0:
-            out["true_nll"] = self.ref / self.tokens
-            out["gap"] = self.gap / self.ref_seqs
-            out["gap_stderr"] = self._stderr(self.gap, self.gap_sq, self.ref_seqs)
+            out["true_nll"] = self.ref / self.ref_tokens
+            out["gap"] = self.gap / self.ref_tokens
+            out["gap_stderr"] = self._ratio_stderr(
+                self.gap, self.gap_sq, self.gap_tokens, self.ref_tokens, self.ref_tokens_sq, self.ref_seqs
+            )
         return out
 
 
@@ -168,12 +193,12 @@ class GenerativePerplexity:
             return AutoTokenizer.from_pretrained(str(path)), AutoModelForCausalLM.from_pretrained(str(path))
         if path.is_absolute() or name_or_path.startswith((".", "~")):
             raise FileNotFoundError(f"eval model directory {name_or_path!r} does not exist. {advice}")
-        local_only = dataloader.hub_local_only()
+        local_only = hub.hub_local_only()
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_only)
             return tokenizer, AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=local_only)
         except (OSError, ValueError) as error:
-            reason = dataloader.hub_failure_reason(local_only, "the Hugging Face hub could not provide it")
+            reason = hub.hub_failure_reason(local_only, "the Hugging Face hub could not provide it")
             raise OSError(
                 f"could not load eval model {name_or_path!r}: there is no local directory of that name, "
                 f"{reason}, and it is not in the local cache (or the name is wrong). {advice}"

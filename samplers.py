@@ -26,15 +26,19 @@ steps are the same exact reverse steps.
 The categorical draws run in float64 by default; ``dtype=torch.float32`` reproduces float32
 samplers, whose truncated tail lowers the effective temperature (:func:`sample_categorical`).
 
-New samplers subclass :class:`Sampler`, implement ``sample`` and get an entry in
-:data:`SAMPLERS` and a config file.
+A new sampler is one class and one config file ``configs/sampler/<name>.yaml`` (``_target_``
+the class, ``_partial_: true``: the algorithm supplies its run-time inputs, the noise schedule
+and the mask index). It subclasses :class:`Sampler` (or :class:`DiffusionSampler` for the
+shared time grid and ancestral step), implements ``sample``, and says in ``accepts`` which kind
+of denoiser it needs; an algorithm states the kind it provides (``denoiser_kind``), and that is
+the only place where what fits what is decided.
 """
 
 from __future__ import annotations
 
 import abc
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -43,6 +47,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 from noise_schedule import NoiseSchedule
+
+# The kinds of denoiser an algorithm provides (``Algorithm.denoiser_kind``) and a sampler accepts.
+X0_LOG_PROBS = "x0_log_probs"        # (x_t, sigma) -> log p_theta(x_0 | x_t) in SUBS form (MDLM, D3PM)
+LOG_SCORE = "log_score"              # (x_t, sigma) -> log p_t(y) / p_t(x_t) (SEDD)
+NEXT_TOKEN_LOGITS = "next_token_logits"  # a causal model: (tokens, None) -> logits, with a KV cache (AR)
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 """``denoiser(x_t: (B, L) long, sigma: (B,) float) -> log p_theta(x_0 | x_t): (B, L, V)``.
@@ -120,7 +129,52 @@ def sample_categorical(
 
 
 class Sampler(abc.ABC):
-    """Interface and shared math of the ancestral samplers.
+    """The interface every sampler has.
+
+    Class attributes:
+        name: the config name (``sampler=<name>``).
+        accepts: the kind of denoiser ``sample`` needs (:data:`X0_LOG_PROBS`, :data:`LOG_SCORE`,
+            :data:`NEXT_TOKEN_LOGITS`); it fits the algorithms whose ``denoiser_kind`` it is.
+        left_to_right: generates a masked suffix after a given prefix, one token at a time (a
+            template then starts with BOS; infilling and semi-AR windows do not apply).
+    """
+
+    name: ClassVar[str]
+    accepts: ClassVar[str]
+    left_to_right: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def sample(
+        self,
+        denoiser: Any,
+        x: Tensor,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> SampleOutput:
+        """Generate the masked positions of ``x`` (B, L); other tokens are kept as given."""
+
+
+def check_fits(sampler: Sampler | type[Sampler], denoiser_kind: str, algorithm: str,
+               fitting: Sequence[str] = ()) -> None:
+    """Raise a ValueError unless ``sampler`` accepts the denoiser an algorithm provides.
+
+    Args:
+        sampler: the sampler (or its class).
+        denoiser_kind: the algorithm's ``denoiser_kind``.
+        algorithm: the algorithm's name, for the message.
+        fitting: the names of the samplers that would fit, for the message.
+    """
+    if sampler.accepts != denoiser_kind:
+        valid = f" Samplers that fit it: {list(fitting)}." if fitting else ""
+        raise ValueError(
+            f"sampler={sampler.name} needs a denoiser of kind {sampler.accepts!r}, but algorithm={algorithm} "
+            f"provides {denoiser_kind!r}.{valid} Choose one with sampler=NAME (or the original's "
+            "sampling.predictor=NAME), or leave it out to use the algorithm's default."
+        )
+
+
+class DiffusionSampler(Sampler):
+    """Shared math of the ancestral samplers: the time grid, the reverse step, noise removal.
 
     Args:
         noise: the noise schedule the model was trained with; only ``move_chance(t)`` and
@@ -135,7 +189,7 @@ class Sampler(abc.ABC):
             truncates the tail (see :func:`sample_categorical`). The time grid is float64.
     """
 
-    name: ClassVar[str]
+    accepts = X0_LOG_PROBS
 
     def __init__(
         self,
@@ -158,16 +212,6 @@ class Sampler(abc.ABC):
         self.eps = float(eps)
         self.noise_removal = noise_removal
         self.dtype = check_sampling_dtype(dtype)
-
-    @abc.abstractmethod
-    def sample(
-        self,
-        denoiser: Denoiser,
-        x: Tensor,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-    ) -> SampleOutput:
-        """Generate the masked positions of ``x`` (B, L); other tokens are kept as given."""
 
     def __repr__(self) -> str:
         return (
@@ -253,7 +297,7 @@ class Sampler(abc.ABC):
         return tqdm(range(self.steps), desc=f"sampling ({self.name})", disable=not progress)
 
 
-class DDPMSampler(Sampler):
+class DDPMSampler(DiffusionSampler):
     """Ancestral sampling with one denoiser call per step (plus one for noise removal)."""
 
     name = "ddpm"
@@ -279,7 +323,7 @@ class DDPMSampler(Sampler):
         return SampleOutput(tokens=x, nfe=nfe)
 
 
-class DDPMCacheSampler(Sampler):
+class DDPMCacheSampler(DiffusionSampler):
     """Ancestral sampling that skips the network while the sequence does not change.
 
     Without time conditioning the denoiser depends on ``x_t`` only, so when a step leaves
@@ -291,7 +335,8 @@ class DDPMCacheSampler(Sampler):
 
     Args:
         time_conditioning: the denoiser depends on sigma; then nothing is reused and the
-            sampler calls the network once per step, like ``ddpm``.
+            sampler calls the network once per step, like ``ddpm``. None (the default): the
+            denoiser's own ``time_conditioned`` attribute says (algorithms set it), else False.
     """
 
     name = "ddpm_cache"
@@ -303,7 +348,7 @@ class DDPMCacheSampler(Sampler):
         steps: int,
         eps: float = 1e-5,
         noise_removal: bool = True,
-        time_conditioning: bool = False,
+        time_conditioning: bool | None = None,
         dtype: torch.dtype | str = torch.float64,
     ) -> None:
         super().__init__(noise, mask_index, steps, eps=eps, noise_removal=noise_removal, dtype=dtype)
@@ -320,6 +365,9 @@ class DDPMCacheSampler(Sampler):
         x = self._check_input(x)  # (B, L)
         times = self._time_grid(x.device)
         nfe = 0
+        time_conditioned = self.time_conditioning
+        if time_conditioned is None:
+            time_conditioned = bool(getattr(denoiser, "time_conditioned", False))
         cache: Tensor | None = None  # (B, L, V) denoiser output, valid for x unless stale
         # A stale cache is overwritten rather than freed first: on CPU, freeing the large
         # output before the next call makes that call markedly slower (page faults).
@@ -328,14 +376,14 @@ class DDPMCacheSampler(Sampler):
             for i in bar:
                 if not (x == self.mask_index).any():
                     break  # nothing left to generate; masks never reappear
-                if stale or self.time_conditioning:
+                if stale or time_conditioned:
                     cache = self._call(denoiser, x, times[i])
                     nfe += 1
                 x_s = self._step(cache, x, times[i], times[i + 1], generator)
                 stale = not torch.equal(x_s, x)
                 x = x_s
         if self.noise_removal and (x == self.mask_index).any():
-            if stale or self.time_conditioning:
+            if stale or time_conditioned:
                 cache = self._call(denoiser, x, times[-1])
                 nfe += 1
             x = self._remove_noise(cache, x)
@@ -369,7 +417,7 @@ def transposed_transition(x: Tensor, dsigma: Tensor, vocab_size: int, mask_index
     return edge - torch.expm1(-dsigma) * (x == mask_index).to(dsigma.dtype)[:, None]
 
 
-class AnalyticSampler(Sampler):
+class AnalyticSampler(DiffusionSampler):
     """SEDD's "analytic" sampler (Tweedie tau-leaping, Lou et al. 2024) for the absorbing process.
 
     It takes a score function ``score_fn(x_t (B, L), sigma (B,)) -> log p_t(y) / p_t(x_t)``
@@ -393,6 +441,7 @@ class AnalyticSampler(Sampler):
     """
 
     name = "analytic"
+    accepts = LOG_SCORE
 
     @torch.no_grad()
     def sample(
@@ -437,26 +486,11 @@ class AnalyticSampler(Sampler):
         return x
 
 
-SAMPLERS: dict[str, type[Sampler]] = {
-    DDPMSampler.name: DDPMSampler,
-    DDPMCacheSampler.name: DDPMCacheSampler,
-    AnalyticSampler.name: AnalyticSampler,
-}
-
-
-def build_sampler(predictor: str, **kwargs: Any) -> Sampler:
-    """Instantiate the sampler registered as ``predictor`` with keyword arguments ``kwargs``."""
-    if predictor not in SAMPLERS:
-        raise ValueError(
-            f"Unknown sampler {predictor!r}; valid names: {', '.join(sorted(SAMPLERS))}."
-        )
-    return SAMPLERS[predictor](**kwargs)
-
-
 def _check_semi_ar(sampler: Sampler, x: Tensor, stride_length: int, num_strides: int) -> None:
     """Raise a clear error unless the arguments of :func:`semi_ar_sample` make sense."""
-    if not isinstance(sampler, Sampler):
-        raise TypeError(f"semi-AR sampling needs a diffusion Sampler, got {type(sampler).__name__}.")
+    if not isinstance(sampler, DiffusionSampler) or sampler.left_to_right:
+        raise TypeError(f"semi-AR sampling needs a diffusion sampler (ddpm, ddpm_cache, analytic), got "
+                        f"{type(sampler).__name__}: a left-to-right sampler generates any length token by token.")
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a (batch, length) tensor, got {getattr(x, 'shape', type(x).__name__)}.")
     length = x.shape[1]
@@ -475,7 +509,7 @@ def _check_semi_ar(sampler: Sampler, x: Tensor, stride_length: int, num_strides:
 
 @torch.no_grad()
 def semi_ar_sample(
-    sampler: Sampler,
+    sampler: DiffusionSampler,
     denoiser: Denoiser,
     x: Tensor,
     stride_length: int,
@@ -522,44 +556,47 @@ def semi_ar_sample(
     return SampleOutput(tokens=torch.cat([*pieces, window], 1), nfe=nfe)
 
 
-class ARSampler:
+class ARSampler(Sampler):
     """Left-to-right sampling for the AR baseline, with or without a KV cache.
 
     Positions of ``x`` equal to the mask index must form a suffix of every row (a shared
     prefix length); they are generated one token at a time. The next-token distribution is
     ``softmax(logits / temperature)`` restricted to its top-p nucleus (the smallest set of
     tokens whose probability reaches ``top_p``), computed and drawn in ``dtype`` with
-    :func:`sample_categorical`. With ``use_cache`` the model runs on the new token only
-    (``model.new_cache`` / ``model.forward_step``); without, it reruns the whole prefix. Both
+    :func:`sample_categorical`. With ``kv_cache`` the model runs on the new token only
+    (``model.new_cache`` / ``model.forward_step``); without, it reruns the whole prefix. The
+    "denoiser" it takes is the causal model itself (:meth:`algorithms.AR.denoiser`). Both
     consume the same random numbers, so with the same generator they give the same tokens.
 
     Args:
         mask_index: id marking the positions to generate; it is never sampled.
         temperature: > 0; 1 samples the model's distribution.
         top_p: in (0, 1]; 1 disables nucleus truncation.
-        use_cache: reuse keys/values of the prefix (one token of compute per step).
+        kv_cache: reuse keys/values of the prefix (one token of compute per step).
         dtype: ``torch.float64`` (default) or ``torch.float32``, which truncates the tail
             of the next-token distribution (see :func:`sample_categorical`).
     """
 
     name = "ar"
+    accepts = NEXT_TOKEN_LOGITS
+    left_to_right = True
 
     def __init__(
         self,
         mask_index: int,
         temperature: float = 1.0,
         top_p: float = 1.0,
-        use_cache: bool = True,
+        kv_cache: bool = True,
         dtype: torch.dtype | str = torch.float64,
     ) -> None:
         if not temperature > 0:
-            raise ValueError(f"sampling.temperature must be > 0, got {temperature}.")
+            raise ValueError(f"sampler.temperature must be > 0, got {temperature}.")
         if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"sampling.top_p must be in (0, 1], got {top_p}.")
+            raise ValueError(f"sampler.top_p must be in (0, 1], got {top_p}.")
         self.mask_index = int(mask_index)
         self.temperature = float(temperature)
         self.top_p = float(top_p)
-        self.use_cache = use_cache
+        self.kv_cache = bool(kv_cache)
         self.dtype = check_sampling_dtype(dtype)
 
     def next_token_probs(self, logits: Tensor) -> Tensor:
@@ -590,7 +627,7 @@ class ARSampler:
             )
         x = x.clone()
         length = x.shape[1]
-        cache = model.new_cache(x.shape[0], length, device=x.device) if self.use_cache else None
+        cache = model.new_cache(x.shape[0], length, device=x.device) if self.kv_cache else None
         nfe = 0
         for i in tqdm(range(start, length), desc="sampling (ar)", disable=not progress):
             if cache is None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,7 +93,3 @@ def plan_batches(global_batch_size: int, world_size: int, per_device: int | None
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-
-
-def format_nats(value: float) -> str:
-    return "nan" if value is None or math.isnan(value) else f"{value:.4f}"

@@ -45,12 +45,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python bench/benchmark.py`: make the repo importable
     sys.path.insert(0, str(ROOT))
 
+import registry  # noqa: E402
 from algorithms import MDLM  # noqa: E402
 from models.dimamba import MAMBA_SSM_AVAILABLE, DiMamba  # noqa: E402
 from models.dit import FLASH_ATTN_AVAILABLE, DiT  # noqa: E402
 from models.ema import ExponentialMovingAverage  # noqa: E402
 from noise_schedule import LogLinear  # noqa: E402
-from samplers import build_sampler  # noqa: E402
 
 CONFIGS = ROOT / "configs"
 DEFAULT_VOCAB = 50258  # GPT-2's 50257 tokens + the mask token
@@ -248,9 +248,8 @@ def measure_sampling(args: argparse.Namespace, device: torch.device) -> list[Sam
     x = torch.full((args.sample_batch, args.sample_length), algorithm.mask_index, device=device)  # (B, L)
 
     def run(predictor: str, steps: int) -> tuple[int, float]:
-        kwargs = {"time_conditioning": algorithm.time_conditioning} if predictor == "ddpm_cache" else {}
-        sampler = build_sampler(predictor, noise=algorithm.noise, mask_index=algorithm.mask_index, steps=steps,
-                                eps=root.sampling.eps, noise_removal=root.sampling.noise_removal, **kwargs)
+        sampler = registry.target_class("sampler", predictor)(  # the class of configs/sampler/<predictor>.yaml
+            **algorithm.sampler_inputs(), steps=steps, eps=root.sampling.eps, noise_removal=root.sampling.noise_removal)
         generator = torch.Generator(device=device).manual_seed(args.seed)
         with torch.no_grad(), autocast(device), timer(device) as elapsed:
             out = sampler.sample(denoiser, x, generator=generator)

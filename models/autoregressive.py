@@ -20,6 +20,7 @@ tokens costs O(L^2) attention work instead of O(L^3).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -191,6 +192,8 @@ class ARTransformer(nn.Module):
         cond_dim: accepted and ignored, so that one model-size config (which names the DiT's
             noise-embedding width) serves both backbones; the AR model has no time input.
     """
+
+    causal: ClassVar[bool] = True  # next-token model: for algorithm=ar (algorithms.Algorithm.causal)
 
     def __init__(
         self,

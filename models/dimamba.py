@@ -48,7 +48,7 @@ the logits of the sequence with the padding cut off. Logits at padded positions 
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
+from typing import ClassVar, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -346,6 +346,8 @@ class DiMamba(nn.Module):
         use_kernels: use the mamba-ssm / causal-conv1d kernels on CUDA when installed;
             False forces the PyTorch reference everywhere.
     """
+
+    causal: ClassVar[bool] = False  # bidirectional: for the diffusion algorithms (algorithms.Algorithm.causal)
 
     def __init__(
         self,

@@ -21,6 +21,7 @@ function used here has no key-padding mask.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -300,11 +301,9 @@ class DiTBlock(nn.Module):
         cond_dim: int,
         mlp_ratio: int = 4,
         dropout: float = 0.1,
-        causal: bool = False,
     ) -> None:
         super().__init__()
         self.n_heads = n_heads
-        self.causal = causal
         self.norm1 = LayerNorm(dim)
         self.attn_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.attn_out = nn.Linear(dim, dim, bias=False)
@@ -333,7 +332,7 @@ class DiTBlock(nn.Module):
         h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, L, D)
         qkv = self.attn_qkv(h).view(batch, length, 3, self.n_heads, dim // self.n_heads)
         qkv = apply_rotary(qkv, cos, sin)  # (B, L, 3, H, D_head)
-        h = attention(qkv, self.causal, key_padding_mask)  # (B, L, D)
+        h = attention(qkv, False, key_padding_mask)  # (B, L, D)
         x = gated_residual(x, gate_msa, self.dropout(self.attn_out(h)))  # (B, L, D)
 
         h = modulate(self.norm2(x), shift_mlp, scale_mlp)  # (B, L, D)
@@ -394,8 +393,9 @@ class DiT(nn.Module):
         n_heads: attention heads; ``hidden_size / n_heads`` must be even.
         dropout: dropout on both residual branches of every block.
         mlp_ratio: MLP hidden width as a multiple of D.
-        causal: causal attention (autoregressive baseline) instead of bidirectional.
     """
+
+    causal: ClassVar[bool] = False  # bidirectional: for the diffusion algorithms (algorithms.Algorithm.causal)
 
     def __init__(
         self,
@@ -406,7 +406,6 @@ class DiT(nn.Module):
         n_heads: int,
         dropout: float = 0.1,
         mlp_ratio: int = 4,
-        causal: bool = False,
     ) -> None:
         super().__init__()
         head_dim = check_transformer_sizes(
@@ -416,12 +415,11 @@ class DiT(nn.Module):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.n_heads = n_heads
-        self.causal = causal
         self.vocab_embed = TokenEmbedding(vocab_size, hidden_size)
         self.sigma_map = TimestepEmbedder(cond_dim)
         self.rotary_emb = Rotary(head_dim)
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, n_heads, cond_dim, mlp_ratio, dropout, causal)
+            DiTBlock(hidden_size, n_heads, cond_dim, mlp_ratio, dropout)
             for _ in range(n_blocks)
         )
         self.output_layer = FinalLayer(hidden_size, vocab_size, cond_dim)

@@ -44,6 +44,10 @@ class MDLMConfig(PretrainedConfig):
             parameterization (``subs``, ``sedd``, ``d3pm``) so that evaluation picks it up.
         noise: not in the released config; our exports record the noise schedule config.
         subs_masking: not in the released config; our exports record it (D3PM only).
+        algorithm: not in the released config; our exports record every option of the
+            algorithm (the ``algorithm`` config node with ``_target_``), e.g. MDLM's change of
+            variables, so that evaluation restores what training used. For a checkpoint with
+            the original's flat keys it holds those MDLMConfig has no field for (``T``, ``training``).
     """
 
     model_type = MODEL_TYPE
@@ -61,6 +65,7 @@ class MDLMConfig(PretrainedConfig):
         parameterization: str | None = None,
         noise: dict[str, Any] | None = None,
         subs_masking: bool | None = None,
+        algorithm: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -73,6 +78,7 @@ class MDLMConfig(PretrainedConfig):
         self.dropout = dropout
         self.time_conditioning = time_conditioning
         self.parameterization = parameterization
+        self.algorithm = algorithm
         self.noise = noise
         self.subs_masking = subs_masking
 

@@ -19,3 +19,17 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} not found: real-data tests need the shared data folder")
     return SHARED_DATA
+
+
+def diffusion_samplers() -> dict[str, type]:
+    """The diffusion samplers of configs/sampler/ by name (the config directory is the registry)."""
+    import registry
+    from samplers import DiffusionSampler
+
+    classes = {name: registry.target_class("sampler", name) for name in registry.options("sampler")}
+    return {name: cls for name, cls in classes.items() if issubclass(cls, DiffusionSampler)}
+
+
+def build_sampler(name: str, **kwargs: object) -> object:
+    """The diffusion sampler ``configs/sampler/<name>.yaml`` names, built with ``kwargs``."""
+    return diffusion_samplers()[name](**kwargs)

@@ -1,3 +1,4 @@
+import inspect
 import math
 
 import numpy as np
@@ -7,21 +8,20 @@ from scipy import stats
 from test_d3pm import TOY_MASK, expected_loss
 from torch import nn
 
+import registry
 from algorithms import (
-    ALGORITHMS,
     AR,
     D3PM,
     MDLM,
     NEG_INF,
     SEDD,
-    build_algorithm,
     q_xt,
     sample_times,
     subs_log_probs,
     subs_nelbo,
 )
+from config_aliases import ALGORITHM_OF_PARAMETERIZATION
 from noise_schedule import Cosine, LogLinear
-from samplers import SAMPLERS
 
 MASK = 5
 VOCAB = 6  # 5 real tokens + mask
@@ -137,18 +137,19 @@ def test_uniform_denoiser_bound_is_log_vocab() -> None:
     assert abs(float(nll.mean()) - math.log(5)) < 0.02
 
 
-def test_unknown_parameterization_lists_choices() -> None:
-    with pytest.raises(ValueError, match=r"Valid choices: \['ar', 'd3pm', 'sedd', 'subs'\]"):
-        build_algorithm("nope", noise=LogLinear(), mask_index=MASK)
+def test_unknown_algorithm_lists_choices() -> None:
+    with pytest.raises(ValueError, match=r"valid choices: \['ar', 'd3pm', 'mdlm', 'sedd'\]"):
+        registry.load("algorithm", "nope")
 
 
-# ---- the registry and the options each parameterization accepts -------------------------
+# ---- the registry and the options each algorithm accepts ---------------------------------
 
-CLASSES = {"subs": MDLM, "d3pm": D3PM, "sedd": SEDD, "ar": AR}
-BASE = {"subs": {}, "d3pm": {"T": 1000}, "sedd": {}, "ar": {}}  # a valid configuration of each
-# Each option alone on top of BASE: accepted (True) or rejected (False).
+CLASSES = {"mdlm": MDLM, "d3pm": D3PM, "sedd": SEDD, "ar": AR}
+BASE = {"mdlm": {}, "d3pm": {"T": 1000}, "sedd": {}, "ar": {}}  # a valid configuration of each
+# Each option alone on top of BASE: an argument of the class (True) or not (False: a TypeError in
+# Python; from the command line, main.check_options_read names it).
 SUPPORTED = {
-    "subs": {"T": True, "subs_masking": False, "importance_sampling": True, "change_of_variables": False,
+    "mdlm": {"T": True, "subs_masking": False, "importance_sampling": True, "change_of_variables": True,
              "time_conditioning": True},
     "d3pm": {"T": True, "subs_masking": True, "importance_sampling": False, "change_of_variables": False,
              "time_conditioning": True},
@@ -161,41 +162,50 @@ ON = {"T": 100, "subs_masking": True, "importance_sampling": True, "change_of_va
       "time_conditioning": True}
 
 
+def build(name: str, **kwargs: object) -> object:
+    cls = CLASSES[name]
+    if cls.causal:
+        return cls(mask_index=MASK, **kwargs)
+    return cls(noise=LogLinear(), mask_index=MASK, **kwargs)
+
+
 @pytest.mark.parametrize("name", CLASSES)
-def test_build_every_algorithm(name: str) -> None:
-    algo = build_algorithm(name, noise=LogLinear(), mask_index=MASK, **BASE[name])
-    assert type(algo) is CLASSES[name] and ALGORITHMS[name] is CLASSES[name]
-    assert algo.parameterization == name
-    assert set(algo.samplers) <= set(SAMPLERS)
+def test_every_algorithm_has_its_config_and_a_fitting_default_sampler(name: str) -> None:
+    algo = build(name, **BASE[name])
+    assert registry.target_class("algorithm", name) is CLASSES[name] and algo.name == name
+    assert ALGORITHM_OF_PARAMETERIZATION[algo.parameterization] == name
+    assert algo.default_sampler in registry.samplers_accepting(algo.denoiser_kind)
+    assert set(algo.model_options) <= set(inspect.signature(CLASSES[name]).parameters)
 
 
 @pytest.mark.parametrize("option", ON)
 @pytest.mark.parametrize("name", CLASSES)
-def test_each_option_is_accepted_or_rejected_by_name(name: str, option: str) -> None:
-    kwargs = {"noise": LogLinear(), "mask_index": MASK, **BASE[name], option: ON[option]}
+def test_each_option_is_an_argument_or_not(name: str, option: str) -> None:
+    kwargs = {**BASE[name], option: ON[option]}
+    if option == "change_of_variables":
+        kwargs["time_conditioning"] = True
     if SUPPORTED[name][option]:
-        assert getattr(build_algorithm(name, **kwargs), option) == ON[option]
+        assert getattr(build(name, **kwargs), option) == ON[option]
     else:
-        with pytest.raises(ValueError, match=rf"{option}=.*parameterization='{name}'"):
-            build_algorithm(name, **kwargs)
+        with pytest.raises(TypeError, match=option):
+            build(name, **kwargs)
 
 
 @pytest.mark.parametrize(
     "name,kwargs,option",
     [
-        ("subs", {"T": 10, "importance_sampling": True}, "importance_sampling"),
-        ("subs", {"T": 10, "change_of_variables": True, "time_conditioning": True}, "change_of_variables"),
-        ("subs", {"importance_sampling": True, "change_of_variables": True, "time_conditioning": True},
+        ("mdlm", {"T": 10, "importance_sampling": True}, "importance_sampling"),
+        ("mdlm", {"T": 10, "change_of_variables": True, "time_conditioning": True}, "change_of_variables"),
+        ("mdlm", {"importance_sampling": True, "change_of_variables": True, "time_conditioning": True},
          "change_of_variables"),
-        ("subs", {"importance_sampling": True, "sampling_eps": 0.0}, "importance_sampling"),
+        ("mdlm", {"importance_sampling": True, "sampling_eps": 0.0}, "importance_sampling"),
+        ("mdlm", {"change_of_variables": True}, "change_of_variables"),
         ("d3pm", {"T": 0}, "T"),
-        ("d3pm", {"T": 10, "importance_sampling": True}, "importance_sampling"),
-        ("ar", {"T": 10, "time_conditioning": True}, "T"),
     ],
 )
 def test_invalid_combinations(name: str, kwargs: dict[str, object], option: str) -> None:
-    with pytest.raises(ValueError, match=rf"{option}=.*parameterization='{name}'.*: \w"):
-        build_algorithm(name, noise=LogLinear(), mask_index=MASK, **kwargs)
+    with pytest.raises(ValueError, match=rf"{option}=.*algorithm='{name}'.*: \w"):
+        build(name, **kwargs)
 
 
 @pytest.mark.parametrize("T", [-1, 2.5, True])
@@ -209,8 +219,8 @@ def test_clear_messages() -> None:
         D3PM(LogLinear(), MASK)
     with pytest.raises(ValueError, match="set time_conditioning=true"):
         MDLM(LogLinear(), MASK, change_of_variables=True)
-    with pytest.raises(ValueError, match="AR sampler"):
-        AR(LogLinear(), MASK).denoiser(nn.Identity())
+    backbone = nn.Identity()
+    assert AR(MASK).denoiser(backbone) is backbone  # the AR sampler drives the causal backbone itself
 
 
 # ---- AR ------------------------------------------------------------------------------------
@@ -238,7 +248,7 @@ def test_ar_loss_matches_slow_reference() -> None:
     attention[1, -2:] = 0
     logits = torch.randn(B, L - 1, VOCAB, generator=g) * 2
     backbone = RecordingBackbone(logits)
-    out = AR(LogLinear(), MASK).loss(backbone, x0, attention)
+    out = AR(MASK).loss(backbone, x0, attention)
     (seen, sigma), = backbone.inputs
     assert torch.equal(seen, x0[:, :-1]) and sigma is None
     (seen_mask,) = backbone.attention_masks

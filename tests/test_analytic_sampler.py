@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from conftest import build_sampler, diffusion_samplers
 from test_samplers import (
     ALL_MASK,
     DIGITS,
@@ -31,7 +32,9 @@ from test_samplers import (
 from torch import Tensor
 
 from noise_schedule import Cosine, LogLinear, NoiseSchedule
-from samplers import SAMPLERS, AnalyticSampler, build_sampler, staggered_score, transposed_transition
+from samplers import AnalyticSampler, staggered_score, transposed_transition
+
+SAMPLERS = diffusion_samplers()
 
 VOCAB = V + 1
 

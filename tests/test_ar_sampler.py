@@ -31,8 +31,8 @@ def prompt(batch: int, length: int, prefix: int = 1) -> torch.Tensor:
 def test_kv_cache_gives_the_same_tokens(temperature: float, top_p: float) -> None:
     model = random_model()
     outs = []
-    for use_cache in (True, False):
-        sampler = ARSampler(MASK, temperature=temperature, top_p=top_p, use_cache=use_cache)
+    for kv_cache in (True, False):
+        sampler = ARSampler(MASK, temperature=temperature, top_p=top_p, kv_cache=kv_cache)
         outs.append(sampler.sample(model, prompt(8, 12, prefix=3), generator=torch.Generator().manual_seed(5)))
     assert torch.equal(outs[0].tokens, outs[1].tokens)
     assert outs[0].nfe == outs[1].nfe == 9

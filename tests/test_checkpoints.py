@@ -24,7 +24,15 @@ from test_main_e2e import TINY, run_main
 from torch import Tensor
 
 import main
-from checkpoints import Unpickled, check_compatible, load_checkpoint, safe_torch_load, save_as_ours
+from checkpoints import (
+    ARCHITECTURE_KEYS,
+    LEGACY_ALGORITHM_KEYS,
+    Unpickled,
+    load_checkpoint,
+    safe_torch_load,
+    save_as_ours,
+)
+from config_aliases import translate
 from models.ema import ExponentialMovingAverage
 from synthetic import MarkovSource, build_tokenizer
 
@@ -331,7 +339,8 @@ def test_our_checkpoint_loads_and_round_trips(tmp_path: Path) -> None:
     torch.save({"state_dict": {f"backbone.{k}": v for k, v in backbone.state_dict().items()}, "ema": ema.state_dict(),
                 "config": config, "global_step": 3}, path)
     loaded = load_checkpoint(path)
-    assert loaded.format == "ours" and loaded.config == {k: config[k] for k in main.ARCHITECTURE_KEYS}
+    legacy = (*ARCHITECTURE_KEYS, *LEGACY_ALGORITHM_KEYS)  # a checkpoint from before the algorithm group
+    assert loaded.format == "ours" and loaded.config == {k: config[k] for k in legacy if k in config}
     assert loaded.ema is not None and loaded.ema["num_updates"] == 3
     ema_weights = loaded.weights(parameter_names(backbone))
     for (name, _), shadow in zip(backbone.named_parameters(), ema.shadow_params, strict=True):
@@ -370,9 +379,9 @@ def test_hf_directory_without_rotary_buffer_gets_it(tmp_path: Path) -> None:
 def test_hub_repo_offline_and_not_cached_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from huggingface_hub import constants
 
-    import dataloader
+    import hub
 
-    monkeypatch.setattr(dataloader, "hub_reachable", lambda endpoint: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda endpoint: False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     with pytest.raises(FileNotFoundError, match="unreachable, and it is not in the local Hugging Face cache"):
         load_checkpoint("kuleshov-group/mdlm-owt")
@@ -478,32 +487,35 @@ def test_original_checkpoint_without_config_is_a_clear_error(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize(
-    "name,parameterization,given_parameterization,given_backbone,message",
+    "name,overrides,message",
     [
-        ("ar", "subs", "subs", None, "trained with parameterization=ar but the command line says parameteriz"),
-        ("ar", "subs", None, "dit", "holds ar weights but the command line says backbone=dit"),
-        ("ar", "subs", None, "hf_dit", "holds ar weights but the command line says backbone=hf_dit"),
-        ("mdlm", "ar", "ar", "ar", "holds dit weights but the command line says backbone=ar"),
-        ("sedd", "subs", "subs", "dit", "trained with parameterization=sedd but the command line says"),
+        ("ar", ["parameterization=subs"], r"trained with algorithm=ar \(parameterization=ar\) but the command line "
+         "says algorithm=mdlm"),
+        ("ar", ["backbone=dit"], "holds ar weights but the command line says backbone=dit"),
+        ("ar", ["backbone=hf_dit"], "holds ar weights but the command line says backbone=hf_dit"),
+        ("mdlm", ["parameterization=ar", "backbone=ar"], "holds dit weights but the command line says backbone=ar"),
+        ("sedd", ["parameterization=subs"], "trained with algorithm=sedd .* but the command line says algorithm=mdlm"),
+        ("sedd", ["time_conditioning=false"], "trained with time_conditioning=True but the command line says "
+         "time_conditioning=False"),
     ],
 )
-def test_parameterization_or_backbone_mismatch_is_a_clear_error(
-    tmp_path: Path, name: str, parameterization: str, given_parameterization: str | None,
-    given_backbone: str | None, message: str,
+def test_algorithm_or_backbone_mismatch_is_a_clear_error(
+    tmp_path: Path, eval_cfg: Any, name: str, overrides: list[str], message: str
 ) -> None:
     write_original_checkpoint(tmp_path / "x.ckpt", name)
+    cfg = eval_cfg(f"eval.checkpoint_path={tmp_path / 'x.ckpt'}", *overrides)
     with pytest.raises(ValueError, match=message):
-        check_compatible(load_checkpoint(tmp_path / "x.ckpt"), parameterization, given_parameterization,
-                         given_backbone)
+        main.load_for_eval(cfg, VOCAB, VOCAB - 1)
 
 
-def test_hf_weights_need_a_diffusion_parameterization(tmp_path: Path) -> None:
+def test_hf_weights_need_a_diffusion_algorithm(tmp_path: Path, eval_cfg: Any) -> None:
     write_hf_directory(tmp_path / "hf")
-    loaded = load_checkpoint(tmp_path / "hf")
-    check_compatible(loaded, "subs", None, "hf_dit")
-    check_compatible(loaded, "sedd", "sedd", "dit")
-    with pytest.raises(ValueError, match="holds dit weights, which parameterization=ar cannot use"):
-        check_compatible(loaded, "ar", "ar", None)
+    for overrides in (["backbone=hf_dit"], ["parameterization=sedd", "backbone=dit"]):
+        main.load_for_eval(eval_cfg(f"eval.checkpoint_path={tmp_path / 'hf'}", "model.length=16", *overrides),
+                           VOCAB, VOCAB - 1)
+    cfg = eval_cfg(f"eval.checkpoint_path={tmp_path / 'hf'}", "parameterization=ar")
+    with pytest.raises(ValueError, match="holds dit weights, which algorithm=ar cannot use"):
+        main.load_for_eval(cfg, VOCAB, VOCAB - 1)
 
 
 def test_ema_of_another_architecture_is_a_clear_error(tmp_path: Path) -> None:
@@ -521,8 +533,8 @@ def eval_cfg(tmp_path: Path) -> Iterator[Any]:
     def make(*overrides: str) -> DictConfig:
         with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
             base = [o for o in TINY if not o.startswith("model.length=")]
-            cfg = compose("config", overrides=[*base, "mode=ppl_eval", f"checkpointing.save_dir={tmp_path}",
-                                               *overrides], return_hydra_config=True)
+            cfg = compose("config", overrides=translate([*base, "mode=ppl_eval", f"checkpointing.save_dir={tmp_path}",
+                                                         *overrides]), return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
         with open_dict(cfg):  # as in `python main.py`: the task config without the hydra node
             del cfg["hydra"]
@@ -539,7 +551,8 @@ def test_load_for_eval_of_an_original_sedd_checkpoint(tmp_path: Path, eval_cfg: 
     cfg = eval_cfg(f"eval.checkpoint_path={path}", "model=small", "parameterization=sedd", "backbone=dit",
                    "model.length=16", "time_conditioning=True", "sampling.predictor=analytic", "+wandb.offline=true")
     module = main.load_for_eval(cfg, SYNTHETIC_VOCAB, SYNTHETIC_VOCAB - 1)
-    assert cfg.parameterization == "sedd" and cfg.time_conditioning is True and cfg.model.length == 16
+    assert cfg.algorithm._target_ == "algorithms.SEDD" and cfg.algorithm.time_conditioning is True
+    assert cfg.model.length == 16 and cfg.sampler._target_ == "samplers.AnalyticSampler"
     assert cfg.model.hidden_size == HIDDEN and cfg.noise._target_ == "noise_schedule.LogLinear"
     assert module.ema is None and type(module.algorithm).__name__ == "SEDD"
     params = [p for p in module.backbone.parameters()]
@@ -558,7 +571,7 @@ def test_load_for_eval_without_ema_uses_the_raw_weights(tmp_path: Path, eval_cfg
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["parameterization=subs"], "trained with parameterization=ar but the command line says parameterization=subs"),
+        (["parameterization=subs"], "trained with algorithm=ar .* but the command line says algorithm=mdlm"),
         (["backbone=hf_dit"], "holds ar weights but the command line says backbone=hf_dit"),
     ],
 )
@@ -599,3 +612,70 @@ def test_ppl_eval_of_an_original_ar_checkpoint(tmp_path: Path) -> None:
                     f"eval.checkpoint_path={tmp_path / 'ar.ckpt'}", "+wandb.offline=true", "wandb.mode=disabled")
     assert "Loaded original checkpoint" in proc.stdout and "backbone ar" in proc.stdout
     assert json.loads((tmp_path / "eval" / "eval_results.json").read_text())["nll"] > 0
+
+
+# --------------------------------------------------------------------------- every training option travels
+# A non-default value of every option of every algorithm config (configs/algorithm/*.yaml), as the
+# command line gives it; evaluation without those options must restore each of them.
+OPTION_CASES = [
+    ("mdlm", "T", ["T=100"], 100),
+    ("mdlm", "time_conditioning", ["time_conditioning=true"], True),
+    ("mdlm", "sampling_eps", ["training.sampling_eps=0.01"], 0.01),
+    ("mdlm", "antithetic_sampling", ["training.antithetic_sampling=false"], False),
+    ("mdlm", "importance_sampling", ["training.importance_sampling=true"], True),
+    ("mdlm", "change_of_variables", ["training.change_of_variables=true", "time_conditioning=true"], True),
+    ("d3pm", "T", ["T=500"], 500),
+    ("d3pm", "time_conditioning", ["T=1000", "time_conditioning=true"], True),
+    ("d3pm", "subs_masking", ["T=1000", "subs_masking=true"], True),
+    ("d3pm", "antithetic_sampling", ["T=1000", "training.antithetic_sampling=false"], False),
+    ("sedd", "time_conditioning", ["time_conditioning=true"], True),
+    ("sedd", "sampling_eps", ["training.sampling_eps=0.01"], 0.01),
+    ("sedd", "antithetic_sampling", ["training.antithetic_sampling=false"], False),
+]
+
+
+def test_option_cases_cover_every_option_of_every_algorithm() -> None:
+    import registry
+
+    covered = {(name, option) for name, option, _, _ in OPTION_CASES}
+    for name in registry.options("algorithm"):
+        options = {k for k in registry.load("algorithm", name) if not k.startswith("_") and k != "noise"}
+        assert options == {o for n, o in covered if n == name}, name
+
+
+def save_trained_checkpoint(tmp_path: Path, overrides: list[str]) -> Path:
+    """A checkpoint of our format for the composed training config (weights: the fresh initialisation)."""
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        cfg = compose("config", overrides=translate([*TINY, f"checkpointing.save_dir={tmp_path}", *overrides]))
+    module = main.build_module(cfg, SYNTHETIC_VOCAB, SYNTHETIC_VOCAB - 1)
+    path = tmp_path / "trained.ckpt"
+    torch.save({"state_dict": module.state_dict(), "ema": module.ema.state_dict(),
+                "config": OmegaConf.to_container(cfg, resolve=True)}, path)
+    return path
+
+
+@pytest.mark.parametrize("name,option,overrides,value", OPTION_CASES, ids=[f"{c[0]}-{c[1]}" for c in OPTION_CASES])
+def test_evaluation_restores_every_training_option(
+    tmp_path: Path, eval_cfg: Any, name: str, option: str, overrides: list[str], value: Any
+) -> None:
+    path = save_trained_checkpoint(tmp_path, [f"algorithm={name}", "noise=linear", *overrides])
+    cfg = eval_cfg(f"eval.checkpoint_path={path}")
+    module = main.load_for_eval(cfg, SYNTHETIC_VOCAB, SYNTHETIC_VOCAB - 1)
+    assert type(module.algorithm).name == name and cfg.algorithm[option] == value
+    assert getattr(module.algorithm, option) == value
+    assert type(module.algorithm.noise).__name__ == "Linear"  # the schedule travels too
+
+
+def test_an_evaluation_time_T_replaces_the_checkpoints(tmp_path: Path, eval_cfg: Any, capsys: Any) -> None:
+    path = save_trained_checkpoint(tmp_path, ["training.sampling_eps=0.01"])  # continuous time, T=0
+    module = main.load_for_eval(eval_cfg(f"eval.checkpoint_path={path}", "T=1000"), SYNTHETIC_VOCAB,
+                                SYNTHETIC_VOCAB - 1)
+    assert module.algorithm.T == 1000 and module.algorithm.sampling_eps == 0.01
+    assert "Note: T=1000 from the command line replaces the checkpoint's 0" in capsys.readouterr().out
+
+
+def test_a_model_option_contradicting_the_checkpoint_is_an_error(tmp_path: Path, eval_cfg: Any) -> None:
+    path = save_trained_checkpoint(tmp_path, ["training.change_of_variables=true", "time_conditioning=true"])
+    cfg = eval_cfg(f"eval.checkpoint_path={path}", "training.change_of_variables=false")
+    with pytest.raises(ValueError, match="trained with training.change_of_variables=True but the command line says"):
+        main.load_for_eval(cfg, SYNTHETIC_VOCAB, SYNTHETIC_VOCAB - 1)

@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from test_main_e2e import TINY, run_main
 
 import main
+from config_aliases import translate
 
 SCRIPTS = sorted((ROOT / "scripts" / "slurm").glob("*.sbatch"))
 EXPECTED = {
@@ -49,8 +50,8 @@ def test_script_syntax_and_rendered_command(script: Path, tmp_path: Path) -> Non
     if script.stem.startswith(("train", "eval")):
         assert "trainer.num_nodes=2" in overrides and "trainer.devices=8" in overrides
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
-        cfg = compose("config", overrides=[o for o in overrides if not o.startswith("hydra.")]
-                      + [f"checkpointing.save_dir={tmp_path}"], return_hydra_config=True)
+        cfg = compose("config", overrides=translate([o for o in overrides if not o.startswith("hydra.")]
+                                                    + [f"checkpointing.save_dir={tmp_path}"]), return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
         main.validate_config(cfg)
     if script.stem.startswith("eval"):

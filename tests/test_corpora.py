@@ -34,8 +34,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import corpora
 import data_cache
-import dataloader
 import detokenizers
+import hub
 from corpora import CORPORA, SPLITS, DataUnavailableError, get_corpus, load_documents, stream_documents
 from dataloader import CorpusData, CroppedBlocks, PaddedDocuments, WrappedBlocks
 
@@ -576,8 +576,8 @@ def test_offline_without_a_copy_says_how_to_get_one(
     # datasets / huggingface_hub read the variable at import; mirror what setting it before starting does.
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(dataloader, "hub_reachable", lambda *args, **kwargs: False)
-    assert corpora.offline_mode()
+    monkeypatch.setattr(hub, "hub_reachable", lambda *args, **kwargs: False)
+    assert hub.datasets_offline()
     with pytest.raises(DataUnavailableError) as error:
         load_documents(get_corpus("wikitext2"), "validation", tmp_path)
     message = str(error.value)
@@ -589,10 +589,10 @@ def test_offline_without_a_copy_says_how_to_get_one(
 def test_unreachable_url_only_corpus_says_how_to_get_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_hf_cache: None, no_network: list[tuple]
 ) -> None:
-    for variable in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+    for variable in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(dataloader, "hub_reachable", lambda *args, **kwargs: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda *args, **kwargs: False)
     downloads: list[str] = []
 
     def unreachable(url: str, *args: object, **kwargs: object) -> None:
@@ -600,7 +600,7 @@ def test_unreachable_url_only_corpus_says_how_to_get_one(
         raise urllib.error.URLError("unreachable (test)")
 
     monkeypatch.setattr(urllib.request, "urlopen", unreachable)
-    assert not corpora.offline_mode()
+    assert not hub.datasets_offline()
     with pytest.raises(DataUnavailableError) as error:
         load_documents(get_corpus("lambada"), "validation", tmp_path)
     message = str(error.value)

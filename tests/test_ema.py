@@ -48,3 +48,27 @@ def test_state_dict_roundtrip_and_mismatch() -> None:
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="different model|shape"):
         ExponentialMovingAverage(torch.nn.Linear(4, 2).parameters(), 0.9).load_state_dict(state)
+
+
+def test_nested_ema_swaps_restore_the_raw_weights() -> None:
+    """Validation swaps the EMA in; a callback that samples inside it (generative perplexity) swaps
+    again. The inner swap must not store the EMA weights as the "raw" ones: training would go on
+    from the EMA weights."""
+    import functools
+
+    from algorithms import AR
+    from diffusion import Diffusion
+
+    module = Diffusion(backbone=torch.nn.Linear(3, 2), algorithm=AR(0),
+                       optimizer=functools.partial(torch.optim.SGD, lr=0.1), ema_decay=0.5)
+    with torch.no_grad():
+        for p in module.backbone.parameters():
+            p.add_(2.0)
+    module.ema.update(module.trainable_parameters())
+    raw = [p.detach().clone() for p in module.trainable_parameters()]
+    ema = [s.clone() for s in module.ema.shadow_params]
+    with module.ema_weights():            # on_validation_epoch_start ... on_validation_epoch_end
+        with module.ema_weights():        # Diffusion.generate, called by a callback
+            assert all(torch.equal(p, e) for p, e in zip(module.trainable_parameters(), ema, strict=True))
+        assert all(torch.equal(p, e) for p, e in zip(module.trainable_parameters(), ema, strict=True))
+    assert all(torch.equal(p, r) for p, r in zip(module.trainable_parameters(), raw, strict=True))

@@ -101,6 +101,9 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path: Path, uninterr
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     assert "SIGTERM: saved" in output, output[-3000:]
+    # A preempted run is not a finished one: it exits as killed by SIGTERM, so job chains and
+    # schedulers see it (before the fix it exited 0).
+    assert process.returncode == 128 + signal.SIGTERM, (process.returncode, output[-3000:])
     stopped = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
     assert 3 <= stopped < 30
     run_main(tmp_path, *KILL_RUN)

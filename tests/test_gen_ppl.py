@@ -18,7 +18,7 @@ from huggingface_hub import constants
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-import dataloader
+import hub
 import metrics
 from metrics import GenerativePerplexity, truncate_at_eos, unigram_entropy
 
@@ -161,7 +161,9 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> list[object]:
 def test_unreachable_hub_fails_fast_from_the_cache_only(monkeypatch: pytest.MonkeyPatch, no_network: list) -> None:
     probes: list[str] = []
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(dataloader, "hub_reachable", lambda endpoint, *args: probes.append(endpoint) or False)
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # hub.hub_offline() also reads them now
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda endpoint, *args: probes.append(endpoint) or False)
     name = "mdlm-tests-no-such-org/no-such-eval-model"
     start = time.monotonic()
     with pytest.raises(OSError, match="hub is unreachable") as info:
@@ -174,7 +176,7 @@ def test_unreachable_hub_fails_fast_from_the_cache_only(monkeypatch: pytest.Monk
 
 def test_hf_hub_offline_skips_the_probe(monkeypatch: pytest.MonkeyPatch, no_network: list) -> None:
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(dataloader, "hub_reachable", lambda *args: pytest.fail("probed the hub while offline"))
+    monkeypatch.setattr(hub, "hub_reachable", lambda *args: pytest.fail("probed the hub while offline"))
     with pytest.raises(OSError, match="HF_HUB_OFFLINE is set"):
         GenerativePerplexity("mdlm-tests-no-such-org/no-such-eval-model")
     assert no_network == []

@@ -174,11 +174,13 @@ def test_every_parameterization_trains_evaluates_and_samples(tmp_path: Path, ove
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["parameterization=ar"], "backbone=ar parameterization=ar"),
-        (["backbone=ar"], "backbone=ar parameterization=ar"),
-        (["parameterization=sedd"], "valid choices: ['analytic']"),
+        (["parameterization=ar"], "algorithm=ar with backbone DiT: it needs a causal backbone: backbone=ar"),
+        (["backbone=ar"], "algorithm=mdlm with backbone ARTransformer: it needs a bidirectional backbone"),
+        (["parameterization=sedd", "sampling.predictor=ddpm"], "valid choices: ['analytic']"),
         (["parameterization=d3pm"], "T=1000"),
-        (["parameterization=nope"], "Valid choices"),
+        (["parameterization=nope"], "Could not find 'algorithm/nope'"),
+        (["subs_masking=true"], "subs_masking=true is not an option of algorithm=mdlm"),
+        (["sampling.predictor=ddpm", "sampler=analytic"], "contradicts sampler=analytic"),
         (["data=ptb"], "(experiment=quickstart sets data keys for its own data set)"),
     ],
 )
@@ -186,3 +188,22 @@ def test_invalid_combinations_are_rejected_up_front(tmp_path: Path, overrides: l
     proc = run_main(tmp_path, *overrides, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr + proc.stdout
+
+
+def final_bound(stdout: str) -> str:
+    """The last "NLL bound X" that main.py printed (4 decimals)."""
+    return [line.split()[2] for line in stdout.splitlines() if line.strip().startswith("NLL bound")][-1]
+
+
+def test_change_of_variables_checkpoint_evaluates_as_trained(tmp_path: Path) -> None:
+    """ppl_eval of a change_of_variables model gives the bound of the end-of-training validation.
+
+    Before the algorithm's options travelled with the checkpoint, evaluation fed the network sigma
+    instead of the uniform variable it was trained on, silently.
+    """
+    options = ["time_conditioning=true", "training.change_of_variables=true"]
+    train = run_main(tmp_path / "run", *options, "trainer.max_steps=8", "wandb.mode=disabled")
+    checkpoint = f"eval.checkpoint_path={tmp_path / 'run'}/checkpoints/last.ckpt"
+    evaluated = run_main(tmp_path / "eval", "mode=ppl_eval", checkpoint, "wandb.mode=disabled")
+    assert "change_of_variables=True" in evaluated.stdout
+    assert final_bound(evaluated.stdout) == final_bound(train.stdout)

@@ -16,19 +16,19 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from conftest import build_sampler, diffusion_samplers
 from scipy import stats
 from torch import Tensor
 
+import registry
 import samplers
 from noise_schedule import Cosine, LogLinear, NoiseSchedule
 from samplers import (
-    SAMPLERS,
     ARSampler,
     DDPMCacheSampler,
     DDPMSampler,
     SampleOutput,
     Sampler,
-    build_sampler,
     sample_categorical,
 )
 
@@ -110,6 +110,7 @@ class Oracle:
 
 SCHEDULES = {"loglinear": LogLinear, "cosine": Cosine}
 # The samplers that take a denoiser; "analytic" takes a score (tests/test_analytic_sampler.py).
+SAMPLERS = diffusion_samplers()
 DENOISER_SAMPLERS = [name for name in SAMPLERS if name != "analytic"]
 
 
@@ -397,8 +398,8 @@ def test_build_sampler() -> None:
     assert isinstance(make("ddpm", steps=3), DDPMSampler)
     sampler = make("ddpm_cache", steps=3, time_conditioning=True)
     assert isinstance(sampler, DDPMCacheSampler) and sampler.time_conditioning
-    with pytest.raises(ValueError, match="analytic, ddpm, ddpm_cache"):
-        make("nope", steps=3)
+    with pytest.raises(ValueError, match=r"sampler=nope does not exist; valid choices: \['analytic', 'ar', 'ddpm'"):
+        registry.load("sampler", "nope")
     with pytest.raises(TypeError):
         make("ddpm", steps=3, time_conditioning=True)  # only the cached sampler has it
 
@@ -468,7 +469,7 @@ def golden_run(name: str, **kwargs: object) -> Tensor:
     if name == "ar":
         x = torch.full((4, 6), MASK)
         x[:, 0] = 0
-        sampler = ARSampler(MASK, temperature=0.9, top_p=0.95, use_cache=False, **kwargs)
+        sampler = ARSampler(MASK, temperature=0.9, top_p=0.95, kv_cache=False, **kwargs)
         return sampler.sample(bigram_model, x, generator=torch.Generator().manual_seed(4)).tokens
     denoiser = toy_score if name == "analytic" else Oracle()
     sampler = make(name, steps=4, eps=0.05, **kwargs)
