@@ -49,6 +49,7 @@ class LossOutput:
 
     nll: Tensor   # (B, L') nats per scored token (L' = L, or L - 1 for next-token prediction)
     mask: Tensor  # (B, L') 1 for scored tokens, 0 for padding / unscored
+    tokens: Tensor | None = None  # (B, L') the token scored at each position (x0, or x0[:, 1:] for AR)
 
 
 @dataclass
@@ -336,6 +337,7 @@ class Algorithm(nn.Module):
         denoiser_kind: what :meth:`denoiser` returns; a sampler fits when its ``accepts`` is this
             (:data:`samplers.X0_LOG_PROBS`, :data:`samplers.LOG_SCORE`, :data:`samplers.NEXT_TOKEN_LOGITS`).
         default_sampler: ``configs/sampler/<name>.yaml`` used when no sampler is chosen.
+        exact_likelihood: the loss is the NLL itself (AR) rather than an upper bound on it.
         model_options: constructor options that change what the network computes or is fed.
             Evaluation takes every option from the checkpoint; a command line that contradicts
             one of these is an error, while the others (e.g. an evaluation-time ``T``) may be changed.
@@ -347,6 +349,7 @@ class Algorithm(nn.Module):
     denoiser_kind: ClassVar[str]
     default_sampler: ClassVar[str]
     model_options: ClassVar[tuple[str, ...]] = ()
+    exact_likelihood: ClassVar[bool] = False  # the loss is the NLL itself (AR), not an upper bound on it
 
     def __init__(self, mask_index: int) -> None:
         super().__init__()
@@ -468,7 +471,7 @@ class MaskedDiffusion(Algorithm):
         reconstruction = self.reconstruction_nll(backbone, x0, None if draws is None else draws.mask)
         if reconstruction is not None:
             nll = nll + reconstruction
-        return LossOutput(nll=nll * attention_mask, mask=attention_mask)
+        return LossOutput(nll=nll * attention_mask, mask=attention_mask, tokens=x0)
 
     def step_move_chances(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """Masking probabilities (m_t, m_s), float64 (B,), at grid times t = k/T and s = t - 1/T."""
@@ -706,6 +709,7 @@ class AR(Algorithm):
     name = "ar"
     parameterization = "ar"
     causal = True
+    exact_likelihood = True
     denoiser_kind = NEXT_TOKEN_LOGITS
     default_sampler = "ar"
 
@@ -717,7 +721,7 @@ class AR(Algorithm):
         backbone = self.with_padding_mask(backbone, attention_mask[:, :-1], padded)
         logits = backbone(x0[:, :-1], None)                                        # (B, L - 1, V)
         mask = attention_mask[:, 1:]
-        return LossOutput(nll=ar_nll(logits, x0[:, 1:], self.mask_index) * mask, mask=mask)
+        return LossOutput(nll=ar_nll(logits, x0[:, 1:], self.mask_index) * mask, mask=mask, tokens=x0[:, 1:])
 
     def denoiser(self, backbone: nn.Module) -> nn.Module:
         """The causal backbone: ``(tokens (B, L), None) -> logits (B, L, V)`` plus its KV cache."""

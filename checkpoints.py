@@ -94,7 +94,8 @@ class LoadedCheckpoint:
         state_dict: backbone weights under ``backbone.`` names (as :class:`diffusion.Diffusion` has them).
         ema: the EMA state ``{"decay", "num_updates", "shadow_params"}`` (shadows in the order of the
             backbone's trainable parameters), or None.
-        config: the architecture in our config layout, a subset of :data:`ARCHITECTURE_KEYS`, or for
+        config: the architecture in our config layout, a subset of :data:`ARCHITECTURE_KEYS` (plus
+            ``tokenizer``, the training data's ``tokenizer_name_or_path``, where recorded), or for
             checkpoints written before the algorithm group, of the original's flat keys
             (:data:`LEGACY_ALGORITHM_KEYS`); a key the checkpoint does not record (e.g. the released
             HF model's parameterization) is absent.
@@ -189,7 +190,10 @@ def legacy_algorithm(cfg: DictConfig, saved: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"The checkpoint's parameterization={parameterization!r} is not one of "
                          f"{sorted(ALGORITHM_OF_PARAMETERIZATION)}.")
     recorded = {k: saved[k] for k in (*LEGACY_ALGORITHM_KEYS, "noise") if k in saved and k != "parameterization"}
-    base = OmegaConf.merge(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("algorithm", "sampler")]), recorded)
+    base = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("algorithm", "sampler", "noise")])
+    base = OmegaConf.merge(base, recorded)  # training: key by key over cfg's; noise: the checkpoint's, whole
+    if "noise" not in recorded:
+        base.noise = cfg.noise
     base.algorithm = registry.load("algorithm", ALGORITHM_OF_PARAMETERIZATION[parameterization])
     return OmegaConf.to_container(base.algorithm, resolve=True)
 
@@ -201,7 +205,7 @@ def _interpolated_keys(node: DictConfig) -> dict[str, str]:
 
 
 def adopt_checkpoint(cfg: DictConfig, loaded: LoadedCheckpoint, given: dict[str, str],
-                     given_backbone: str | None = None) -> list[str]:
+                     given_backbone: str | None = None, allow_longer: bool = False) -> list[str]:
     """Set ``cfg``'s architecture and algorithm to the checkpoint's; returns notes to print.
 
     Everything that changes what the network computes or what the loss means travels with the
@@ -216,6 +220,8 @@ def adopt_checkpoint(cfg: DictConfig, loaded: LoadedCheckpoint, given: dict[str,
         loaded: the checkpoint.
         given: ``{key: value}`` given on the command line (after :func:`config_aliases.translate`).
         given_backbone: the ``backbone=`` config name given on the command line, or None.
+        allow_longer: accept a ``model.length`` above the length the checkpoint was trained at
+            (``eval.allow_longer``); without it that is an error.
 
     Raises:
         ValueError: the command line names another algorithm or backbone than the checkpoint's,
@@ -259,7 +265,23 @@ def adopt_checkpoint(cfg: DictConfig, loaded: LoadedCheckpoint, given: dict[str,
         needs = "algorithm=ar (parameterization=ar) with backbone=ar" if loaded.causal else "a diffusion algorithm"
         raise ValueError(f"eval.checkpoint_path={source} holds {loaded.backbone_kind} weights, which "
                          f"algorithm={saved_cls.name} cannot use: they need {needs}.")
-    length = cfg.model.length
+    tokenizer = saved.get("tokenizer")
+    if tokenizer and "tokenizer_name_or_path" in cfg.data and "data.tokenizer_name_or_path" not in given:
+        if cfg.data.tokenizer_name_or_path != tokenizer:
+            notes.append(f"Note: data.tokenizer_name_or_path={tokenizer}, the tokenizer the checkpoint was trained "
+                         "with (give data.tokenizer_name_or_path to choose another).")
+            with open_dict(cfg):
+                cfg.data.tokenizer_name_or_path = tokenizer
+    length, trained = cfg.model.length, saved.get("model", {}).get("length")
+    if "model.length" in given and trained is not None and length > trained and not allow_longer:
+        raise ValueError(
+            f"model.length={length} is longer than the {trained} tokens eval.checkpoint_path={source} was trained "
+            "on; the model was never trained on such positions. To sample longer, use semi-autoregressive "
+            f"windows (sampling.semi_ar=true sampling.stride_length=S sampling.num_strides=K keep model.length="
+            f"{trained}); to go ahead anyway, add eval.allow_longer=true."
+        )
+    if "model.length" in given and trained is not None and length > trained:
+        notes.append(f"Note: model.length={length} is longer than the trained {trained} (eval.allow_longer=true).")
     with open_dict(cfg):
         for key in ("model", "backbone", "noise"):
             if key in saved:
@@ -368,8 +390,44 @@ def safe_torch_load(path: Path) -> Any:
         boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
         lines = [line for line in str(error).splitlines() if line.strip() and not line.startswith(boilerplate)]
         detail = lines[0] if lines else type(error).__name__
-        reason = f"it could not be read safely: {detail}" if is_zip else "it is not a file written by torch.save"
+        if is_zip:
+            reason = f"it could not be read safely: {detail}"
+        elif _starts_like_a_zip(path):
+            reason = "it is truncated (a torch.save zip archive whose end is missing: an interrupted copy or write)"
+        else:
+            reason = "it is not a file written by torch.save"
         raise ValueError(f"eval.checkpoint_path={path}: {reason}. Accepted: {ACCEPTED_FORMATS}.") from error
+
+
+def _starts_like_a_zip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def check_resumable(path: Path, state_dict: dict[str, Tensor], ema_shapes: Sequence[torch.Size] | None) -> None:
+    """Raise a ValueError saying why training cannot resume from ``path`` (read as evaluation reads it).
+
+    Args:
+        path: the checkpoint.
+        state_dict: the state dict of the module being trained (its names and shapes must match).
+        ema_shapes: the shapes of the module's EMA parameters, or None without an EMA.
+    """
+    checkpoint = safe_torch_load(path)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "config" not in checkpoint:
+        raise ValueError(f"{path} is not a training checkpoint of this code (no state_dict and config).")
+    saved = checkpoint["state_dict"]
+    problems = [f"{k}: missing" for k in state_dict if k not in saved]
+    problems += [f"{k}: not in this model" for k in saved if k not in state_dict]
+    problems += [f"{k}: shape {tuple(saved[k].shape)} in the checkpoint, {tuple(v.shape)} in this model"
+                 for k, v in state_dict.items() if k in saved and tuple(saved[k].shape) != tuple(v.shape)]
+    ema = checkpoint.get("ema")
+    if ema_shapes is not None and isinstance(ema, dict) and ema.get("shadow_params") is not None:
+        shadows = ema["shadow_params"]
+        if [tuple(t.shape) for t in shadows] != [tuple(s) for s in ema_shapes]:
+            problems.append(f"ema: {len(shadows)} tensors of other shapes than this model's {len(ema_shapes)}")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ValueError(f"{path} was written by another model: {'; '.join(problems[:3])}{more}.")
 
 
 def _load_torch_file(path: Path, source: str) -> LoadedCheckpoint:
@@ -405,6 +463,9 @@ def _from_ours(checkpoint: dict[str, Any], source: str) -> LoadedCheckpoint:
     saved = checkpoint["config"]
     keys = ARCHITECTURE_KEYS if "algorithm" in saved else (*ARCHITECTURE_KEYS, *LEGACY_ALGORITHM_KEYS)
     config = {key: saved[key] for key in keys if key in saved}
+    tokenizer = (saved.get("data") or {}).get("tokenizer_name_or_path")
+    if tokenizer:
+        config["tokenizer"] = tokenizer  # the tokenizer it was trained with, for evaluating other text
     weights = _backbone_tensors(checkpoint["state_dict"], source)
     return LoadedCheckpoint(weights, _ema_state(checkpoint), config, "ours", source)
 

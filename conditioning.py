@@ -87,9 +87,17 @@ def infill_template(
     length when ``length`` is None.
 
     Raises:
-        ValueError: for a malformed marker (``[MASK:0]``, ``[MASK:x]``, an unclosed ``[MASK``), a
-            template longer than ``length``, or kept text that tokenizes to the mask id.
+        ValueError: for text without a marker (nothing to fill in: the model would write a new
+            document after it; continuing a text is ``sampling.prefix``), a malformed marker
+            (``[MASK:0]``, ``[MASK:x]``, an unclosed ``[MASK``), a template longer than ``length``,
+            or kept text that tokenizes to the mask id.
     """
+    if not MASK_MARKER.search(text):
+        raise ValueError(
+            f"sampling.infill={text!r} has no [MASK] or [MASK:n] marker, so there is nothing to fill in (the "
+            "model would only write a new document after the text). Mark the gaps, e.g. 'The [MASK:3] sat.', "
+            "or use sampling.prefix to continue the text."
+        )
     ids, start = [bos_id], 0
     for marker in MASK_MARKER.finditer(text):
         ids += _encode_piece(tokenizer, text[start : marker.start()].rstrip(), mask_index)

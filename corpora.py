@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Literal
 
 import datasets
+from datasets.exceptions import DatasetGenerationError
 from huggingface_hub import constants
 
 import hub
@@ -266,11 +267,17 @@ def _local_documents(
         table = datasets.load_dataset(reader, data_files=[str(f) for f in files], split="train", cache_dir=hf_cache)
         return _text_column(table, corpus, f"{_names(files)}")
     fingerprint_files = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    return datasets.Dataset.from_generator(
-        _read_text_files,
-        gen_kwargs={"files": [str(f) for f in files], "rule": corpus.line_rule, "stamp": fingerprint_files},
-        cache_dir=hf_cache,
-    )
+    try:
+        return datasets.Dataset.from_generator(
+            _read_text_files,
+            gen_kwargs={"files": [str(f) for f in files], "rule": corpus.line_rule, "stamp": fingerprint_files},
+            cache_dir=hf_cache,
+        )
+    except DatasetGenerationError as error:  # datasets wraps the reader's error; ours says what to do
+        cause = error.__cause__
+        if isinstance(cause, ValueError) and " is not valid " in str(cause):
+            raise cause from None
+        raise
 
 
 def source_files(corpus: Corpus, path: str | os.PathLike, split: str) -> list[Path]:
@@ -317,26 +324,47 @@ def _split_files(corpus: Corpus, path: Path, split: str) -> list[Path]:
     return files
 
 
+def decode_error(file: str | os.PathLike, encoding: str, fix: str) -> ValueError:
+    """The error for a file that is not valid ``encoding`` text: its name, the first bad byte's offset, the way out."""
+    raw = Path(file).read_bytes()
+    try:
+        raw.decode(encoding)
+    except UnicodeDecodeError as error:
+        where = f"byte {error.start:,} ({raw[error.start:error.start + 1]!r}: {error.reason})"
+    else:
+        where = "a byte that cannot be decoded"
+    return ValueError(f"{file} is not valid {encoding} text at {where}. Convert it (e.g. `iconv -f latin1 -t utf-8 "
+                      f"{Path(file).name} > fixed.txt`), {fix}")
+
+
 def _read_text_files(files: list[str], rule: LineRule, stamp: object = None) -> Iterator[dict[str, str]]:
     """Documents of plain-text files by ``rule`` (``stamp`` only keys the Arrow cache)."""
     for file in files:
-        with open(file, encoding="utf-8") as f:
-            if rule == "paragraph":
-                paragraph: list[str] = []
-                for line in f:
-                    if line.strip():
-                        paragraph.append(line)
-                    elif paragraph:
-                        yield {"text": "".join(paragraph).strip()}
-                        paragraph = []
-                if paragraph:
+        try:
+            yield from _read_text_file(file, rule)
+        except UnicodeDecodeError:
+            raise decode_error(file, "utf-8", "or pass a UTF-8 copy with data.path") from None
+
+
+def _read_text_file(file: str, rule: LineRule) -> Iterator[dict[str, str]]:
+    """Documents of one UTF-8 text file by ``rule``."""
+    with open(file, encoding="utf-8") as f:
+        if rule == "paragraph":
+            paragraph: list[str] = []
+            for line in f:
+                if line.strip():
+                    paragraph.append(line)
+                elif paragraph:
                     yield {"text": "".join(paragraph).strip()}
-            elif rule == "strip":
-                for line in f:
-                    yield {"text": line.strip()}
-            else:  # keep_newline: as the hub's WikiText rows
-                for line in f:
-                    yield {"text": line if line.strip() else ""}
+                    paragraph = []
+            if paragraph:
+                yield {"text": "".join(paragraph).strip()}
+        elif rule == "strip":
+            for line in f:
+                yield {"text": line.strip()}
+        else:  # keep_newline: as the hub's WikiText rows
+            for line in f:
+                yield {"text": line if line.strip() else ""}
 
 
 def _saved_documents(corpus: Corpus, path: Path, split: str) -> datasets.Dataset:
@@ -381,7 +409,10 @@ def _text8_documents(path: Path, split: str, chunk: int | None) -> datasets.Data
         with zipfile.ZipFile(path) as archive:
             raw = archive.read("text8").decode("utf-8")
     else:
-        raw = path.read_text(encoding="utf-8")
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise decode_error(path, "utf-8", "or pass text8 itself (27 symbols, ASCII) with data.path") from None
     start, end = TEXT8_SPLITS[split]
     text = raw[start:end]
     chunks = [text[i : i + chunk] for i in range(0, len(text) - chunk + 1, chunk)]  # last partial chunk dropped

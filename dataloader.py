@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 import hub
-from corpora import Corpus, get_corpus, load_documents, source_files, stream_documents
+from corpora import Corpus, decode_error, get_corpus, load_documents, source_files, stream_documents
 from data_cache import TokenStream, default_cache_dir, load_or_build, source_fingerprint, tokenizer_fingerprint
 from detokenizers import get_detokenizer
 from synthetic import BOS_ID, EOS_ID, WORD_OFFSET, MarkovSource, build_tokenizer
@@ -52,6 +52,16 @@ DOCUMENT_SPLITTERS: dict[str, Callable[[str], list[str]]] = {
     "line": str.splitlines,
     "file": lambda text: [text],
 }
+
+
+EVAL_SPLITS = ("train", "validation", "test")  # what eval.split may name
+
+
+def check_eval_split(split: str | None, valid: tuple[str, ...], data_name: str) -> None:
+    """``eval.split`` must be None or one of the splits ``data_name`` has; else an error naming them."""
+    if split is not None and split not in valid:
+        raise ValueError(f"eval.split={split} is not a split of data={data_name}; valid: {list(valid)} "
+                         "(or leave it out for the data set's evaluation split).")
 
 
 class BlockDataset(Dataset):
@@ -108,6 +118,11 @@ class SyntheticData:
     def valid_dataset(self) -> BlockDataset:
         return self._dataset(self.num_valid_sequences, VALID_STREAM)
 
+    def evaluation_dataset(self, split: str | None = None) -> BlockDataset:
+        """What ``ppl_eval`` scores: the validation stream (None, ``validation``) or ``train``."""
+        check_eval_split(split, ("train", "validation"), self.name)
+        return self.train_dataset() if split == "train" else self.valid_dataset()
+
     def _dataset(self, num_sequences: int, stream: int) -> BlockDataset:
         if stream not in self._datasets:
             rng = np.random.default_rng([self.seed, stream])
@@ -152,7 +167,8 @@ class TextFiles:
     (paragraphs separated by empty lines), ``"line"`` (one document per line) or ``"file"``.
     Documents are stripped; empty ones are dropped. If ``valid_path`` is None, the last
     ``max(1, floor(valid_fraction * num_documents))`` documents of the training text are the
-    validation split. Tokenization and wrapping (:func:`wrap_documents`) happen on first use.
+    validation split. Files are read as ``encoding`` (default UTF-8). Tokenization and wrapping
+    (:func:`wrap_documents`) happen on first use.
     """
 
     has_true_nll = False
@@ -166,6 +182,7 @@ class TextFiles:
         valid_fraction: float = 0.05,
         document_separator: DocumentSeparator = "blank_line",
         name: str = "text_files",
+        encoding: str = "utf-8",
     ) -> None:
         if document_separator not in DOCUMENT_SPLITTERS:
             raise ValueError(f"unknown document_separator {document_separator!r}; valid: {sorted(DOCUMENT_SPLITTERS)}")
@@ -177,6 +194,7 @@ class TextFiles:
         self.block_size = block_size
         self.valid_fraction = valid_fraction
         self.document_separator = document_separator
+        self.encoding = encoding
         self.train_files = resolve_text_files(train_path)
         self.valid_files = None if valid_path is None else resolve_text_files(valid_path)
         self.tokenizer = load_tokenizer(tokenizer_name_or_path)
@@ -189,6 +207,20 @@ class TextFiles:
 
     def valid_dataset(self) -> BlockDataset:
         return self._dataset("valid")
+
+    def evaluation_dataset(self, split: str | None = None) -> BlockDataset:
+        """What ``ppl_eval`` scores. None: every document of the given files, scored whole
+        (``valid_path`` if given, else ``train_path``); ``validation``: the split that training
+        validated on (the held-out ``valid_fraction`` without ``valid_path``); ``train``: the rest."""
+        check_eval_split(split, ("train", "validation"), self.name)
+        if split == "train":
+            return self.train_dataset()
+        if split == "validation":
+            return self.valid_dataset()
+        if "all" not in self._datasets:
+            files = self.valid_files or self.train_files
+            self._datasets["all"] = self._wrap(self._read(files), files, "the whole text")
+        return self._datasets["all"]
 
     def documents(self) -> dict[str, list[str]]:
         """The documents of each split: ``{"train": [...], "valid": [...]}``."""
@@ -212,23 +244,29 @@ class TextFiles:
         split = DOCUMENT_SPLITTERS[self.document_separator]
         documents = []
         for file in files:
-            text = file.read_text(encoding="utf-8")
+            try:
+                text = file.read_text(encoding=self.encoding)
+            except UnicodeDecodeError:
+                raise decode_error(file, self.encoding, "or set data.encoding=latin-1 (or the file's encoding).") \
+                    from None
             documents.extend(doc.strip() for doc in split(text) if doc.strip())
         return documents
 
     def _dataset(self, split: str) -> BlockDataset:
         if split not in self._datasets:
-            documents = self.documents()[split]
-            token_lists = (
-                self.tokenizer(documents, add_special_tokens=False, verbose=False)["input_ids"] if documents else []
-            )
             files = self.train_files if split == "train" or self.valid_files is None else self.valid_files
-            try:
-                blocks = wrap_documents(token_lists, self.block_size, self.bos_id, self.eos_id)
-            except ValueError as error:
-                raise ValueError(f"{split} split ({_names(files)}): {error}") from error
-            self._datasets[split] = BlockDataset(blocks)
+            self._datasets[split] = self._wrap(self.documents()[split], files, f"{split} split")
         return self._datasets[split]
+
+    def _wrap(self, documents: list[str], files: list[Path], what: str) -> BlockDataset:
+        token_lists = []
+        if documents:
+            token_lists = self.tokenizer(documents, add_special_tokens=False, verbose=False)["input_ids"]
+        try:
+            blocks = wrap_documents(token_lists, self.block_size, self.bos_id, self.eos_id)
+        except ValueError as error:
+            raise ValueError(f"{what} ({_names(files)}): {error}") from error
+        return BlockDataset(blocks)
 
 
 def resolve_text_files(paths: str | os.PathLike | list[str]) -> list[Path]:
@@ -586,6 +624,17 @@ class CorpusData:
             self._datasets["valid"] = self._blocks("valid", self.valid_corpus, self.valid_corpus.valid_split)
         return self._datasets["valid"]
 
+    def evaluation_dataset(self, split: str | None = None) -> Dataset:
+        """What ``ppl_eval`` scores: the validation data set's evaluation split (None: its
+        ``valid_split``, ``test`` for lm1b / text8 / ag_news as in the paper), or the split named."""
+        check_eval_split(split, EVAL_SPLITS, self.name)
+        if split is None or split == self.valid_corpus.valid_split:
+            return self.valid_dataset()
+        key = f"eval:{split}"
+        if key not in self._datasets:
+            self._datasets[key] = self._blocks("valid", self.valid_corpus, split)
+        return self._datasets[key]
+
     def token_stream(self, role: str, corpus: Corpus, split: str) -> TokenStream:
         """The cached tokens of ``split`` of ``corpus`` (``role``: ``train`` / ``valid``, for the options)."""
         crop = corpus.name == "text8-crop" and split == "train"
@@ -773,9 +822,12 @@ class DataModule(L.LightningDataModule):
     """
 
     def __init__(self, data: Any, batch_size: int, eval_batch_size: int, num_workers: int = 0,
-                 pin_memory: bool = False, seed: int = 0) -> None:
+                 pin_memory: bool = False, seed: int = 0, evaluate: bool = False,
+                 eval_split: str | None = None) -> None:
         super().__init__()
         self.data = data
+        # ppl_eval: validate on data.evaluation_dataset(eval_split) instead of data.valid_dataset()
+        self.evaluate, self.eval_split = evaluate, eval_split
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
         self._resume: dict[str, int] | None = None
@@ -804,7 +856,8 @@ class DataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         rank, world_size = self._world()
-        dataset = Indexed(self.data.valid_dataset())
+        valid = self.data.evaluation_dataset(self.eval_split) if self.evaluate else self.data.valid_dataset()
+        dataset = Indexed(valid)
         return self._loader(dataset, self.eval_batch_size, ShardSampler(len(dataset), world_size, rank), False)
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:

@@ -49,6 +49,7 @@ class Diffusion(L.LightningModule):
         mc_samples: time / mask draws per validation sequence (the NLL is their mean).
         sampler: the run's sampler (``configs/sampler/``), used for samples during training
             (:class:`callbacks.GenerativePerplexityCallback`) and after it.
+        special_ids: the BOS / EOS ids, left out of the content-only NLL (``content_nll``).
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class Diffusion(L.LightningModule):
         seed: int = 0,
         mc_samples: int = 1,
         sampler: Sampler | None = None,
+        special_ids: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -77,6 +79,10 @@ class Diffusion(L.LightningModule):
         self.ema = ExponentialMovingAverage(self.trainable_parameters(), ema_decay) if ema_decay > 0 else None
         self._ema_active = False  # the EMA weights are swapped in (ema_weights)
         self.val_metric = NLLMetric()
+        # The same NLL on content tokens only: without the BOS / EOS positions (special_ids), which
+        # the paper's accounting includes for diffusion models (see docs/evaluation.md).
+        self.special_ids = tuple(special_ids)
+        self.content_metric = NLLMetric()
         self.last_val: dict[str, float] = {}
 
     # ----------------------------------------------------------------- parameters, EMA
@@ -180,18 +186,31 @@ class Diffusion(L.LightningModule):
         :class:`dataloader.DataModule`), the draws are :func:`algorithms.item_draws`: the result
         does not depend on the batch size or on the number of processes.
         """
-        nll_sum = 0.0
+        nll_sum, content_sum = 0.0, 0.0
         for sample in range(self.mc_samples):
             draws = None
             if "index" in batch:
                 draws = item_draws(batch["index"], batch["input_ids"].shape[1], self.seed, sample, self.mc_samples)
             out = self._loss(batch, draws)
+            content = self._content_mask(out)                                          # (B, L')
             nll_sum = nll_sum + out.nll.sum(-1, dtype=torch.float64)
+            content_sum = content_sum + (out.nll * content).sum(-1, dtype=torch.float64)
         self.val_metric.update(nll_sum / self.mc_samples, out.mask.sum(-1), batch.get("true_nll"))
+        self.content_metric.update(content_sum / self.mc_samples, content.sum(-1))
+
+    def _content_mask(self, out: LossOutput) -> Tensor:
+        """(B, L') the scored positions whose token is not BOS / EOS."""
+        if out.tokens is None or not self.special_ids:
+            return out.mask
+        special = torch.tensor(self.special_ids, device=out.tokens.device)
+        return out.mask * ~torch.isin(out.tokens, special)
 
     def on_validation_epoch_end(self) -> None:
         results = {k: float(v) for k, v in self.val_metric.compute().items()}
+        content = self.content_metric.compute()
+        results.update({f"content_{k}": float(content[k]) for k in ("nll", "nll_stderr", "num_tokens", "ppl")})
         self.val_metric.reset()
+        self.content_metric.reset()
         self._ema_context.__exit__(None, None, None)
         self.last_val = results
         for key in ("nll", "bpd", "ppl", "true_nll", "gap"):

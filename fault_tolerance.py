@@ -7,15 +7,19 @@
   *moves* it, which is a copy, not a rename, when ``/tmp`` and the run folder are on
   different file systems (the usual case on a cluster).
 - :class:`PreemptionCheckpoint`: on SIGTERM Lightning stops at the next batch boundary with
-  ``SIGTERMException``; this callback then writes ``checkpoints/last.ckpt``. Under slurm,
-  Lightning's own SLURM environment handles the requeue signal (``#SBATCH --signal=USR1@120``):
-  it saves ``hpc_ckpt_<n>.ckpt`` and runs ``scontrol requeue``.
+  ``SIGTERMException``; this callback then writes ``checkpoints/last.ckpt``. Under slurm it also
+  takes the requeue signal (``#SBATCH --signal=USR1@120``): it writes ``last.ckpt`` at the next
+  batch boundary, runs ``scontrol requeue $SLURM_JOB_ID`` and stops training, so the requeued
+  job resumes exactly. (Lightning's own handler, turned off in ``main.build_trainer``, saved
+  ``hpc_ckpt_<n>.ckpt`` inside the signal handler, at any point of a step.)
 - :func:`resume_checkpoint`: the newest of ``last.ckpt`` and ``hpc_ckpt_*.ckpt``.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -73,15 +77,42 @@ class PreemptionCheckpoint(L.Callback):
     safe place to resume from.
     """
 
-    def __init__(self, dirpath: str | os.PathLike, filename: str = "last") -> None:
+    def __init__(self, dirpath: str | os.PathLike, filename: str = "last", requeue_signal: str = "SIGUSR1") -> None:
         self.path = Path(dirpath) / f"{filename}.ckpt"
+        self.requeue_signal = getattr(signal, requeue_signal)
         self._saved_step: int | None = None
+        self._requeue_asked = False
+        self.requeued = False  # training stopped for a slurm requeue (main.py exits non-zero then)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and under_slurm():
+            signal.signal(self.requeue_signal, self._ask_requeue)
+
+    def _ask_requeue(self, signum: int, frame: Any) -> None:
+        self._requeue_asked = True  # acted on at the end of the batch; nothing else runs in the handler
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         # One process only: with several, the flag may be set on some ranks and not yet on others
         # (Lightning broadcasts it at the next batch start), and saving is collective.
         if trainer.world_size == 1 and trainer.received_sigterm:
             self._save(trainer)
+        if under_slurm() and trainer.strategy.reduce_boolean_decision(self._requeue_asked, all=False):
+            self._requeue(trainer)
+
+    def _requeue(self, trainer: L.Trainer) -> None:
+        """Save between batches (exact resume), ask slurm to requeue the job, stop training."""
+        self._requeue_asked = False
+        trainer.save_checkpoint(self.path)
+        self._saved_step = trainer.global_step
+        trainer.should_stop = True
+        self.requeued = True
+        if trainer.is_global_zero:
+            job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ["SLURM_JOB_ID"]
+            if os.environ.get("SLURM_ARRAY_TASK_ID"):
+                job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            status = "requeued" if result.returncode == 0 else f"requeue failed ({result.stderr.strip()})"
+            print(f"Requeue signal: saved {self.path} at step {trainer.global_step}; job {job} {status}.")
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException) and self._saved_step != trainer.global_step:
@@ -92,6 +123,13 @@ class PreemptionCheckpoint(L.Callback):
         self._saved_step = trainer.global_step
         if trainer.is_global_zero:
             print(f"SIGTERM: saved {self.path} at step {trainer.global_step}; run the same command to resume.")
+
+
+def under_slurm() -> bool:
+    """A slurm job (not an interactive shell), as Lightning's SLURMEnvironment decides."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    return SLURMEnvironment.detect()
 
 
 def resume_checkpoint(last: Path, run_dir: Path) -> Path | None:

@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -30,10 +31,17 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 import config_aliases
 import registry
 import utils
-from checkpoints import adopt_checkpoint, check_vocabulary, load_backbone_weights, load_checkpoint
-from dataloader import DataModule, vocab_and_mask
+from checkpoints import (
+    LoadedCheckpoint,
+    adopt_checkpoint,
+    check_resumable,
+    check_vocabulary,
+    load_backbone_weights,
+    load_checkpoint,
+)
+from dataloader import DataModule, block_special_ids, vocab_and_mask
 from diffusion import Diffusion
-from fault_tolerance import AtomicCheckpointIO, resume_checkpoint
+from fault_tolerance import AtomicCheckpointIO, PreemptionCheckpoint, resume_checkpoint, under_slurm
 from generation import generate_samples, make_sampler, print_samples, sample_template, score_samples
 from metrics import GenerativePerplexity
 
@@ -105,7 +113,7 @@ def validate_config(cfg: DictConfig) -> None:
     check_combination(cfg)
 
 
-def build_module(cfg: DictConfig, vocab_size: int, mask_index: int) -> Diffusion:
+def build_module(cfg: DictConfig, vocab_size: int, mask_index: int, special_ids: tuple[int, ...] = ()) -> Diffusion:
     backbone = instantiate(cfg.backbone, vocab_size=vocab_size)
     algorithm = instantiate(cfg.algorithm)(mask_index=mask_index)
     sampler = make_sampler(cfg.sampler, algorithm, bool(cfg.sampling.float64))
@@ -126,6 +134,7 @@ def build_module(cfg: DictConfig, vocab_size: int, mask_index: int) -> Diffusion
         seed=cfg.seed,
         mc_samples=cfg.eval.mc_samples,
         sampler=sampler,
+        special_ids=special_ids,
     )
 
 
@@ -152,12 +161,24 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
     return loggers
 
 
+def check_memory(cfg: DictConfig, vocab_size: int, train_plan: utils.BatchPlan | None,
+                 eval_plan: utils.BatchPlan) -> None:
+    """On CPU, fail before allocating when a batch's logits alone would not fit in memory."""
+    accelerator, _ = utils.resolve_accelerator(cfg.trainer.accelerator, cfg.trainer.devices)
+    if accelerator != "cpu":
+        return
+    if train_plan is not None:
+        key = "loader.batch_size (per process; accumulation keeps loader.global_batch_size)"
+        utils.check_logits_memory(train_plan.per_device, cfg.model.length, vocab_size, key, "train")
+    utils.check_logits_memory(eval_plan.per_device, cfg.model.length, vocab_size, "loader.eval_batch_size", "eval")
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, utils.BatchPlan, utils.BatchPlan]:
     """The Lightning trainer plus the train and eval batch plans for this device count."""
     accelerator, devices = utils.resolve_accelerator(cfg.trainer.accelerator, cfg.trainer.devices)
     world_size = devices * cfg.trainer.num_nodes
     train_plan = utils.plan_batches(cfg.loader.global_batch_size, world_size, cfg.loader.batch_size)
-    eval_plan = utils.plan_batches(cfg.loader.eval_global_batch_size, world_size, cfg.loader.eval_batch_size)
+    eval_plan = utils.plan_eval_batches(cfg.loader.eval_global_batch_size, world_size, cfg.loader.eval_batch_size)
     precision = cfg.trainer.precision
     if precision == "auto":
         precision = utils.default_precision(accelerator)
@@ -169,7 +190,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, utils.Batc
         accumulate_grad_batches=train_plan.accumulate,
         strategy=instantiate(cfg.strategy) if cfg.get("strategy") else "auto",
         callbacks=[instantiate(c) for c in cfg.callbacks.values()],
-        plugins=[AtomicCheckpointIO()],
+        # Under slurm the requeue signal is ours (fault_tolerance.PreemptionCheckpoint), not Lightning's.
+        plugins=[AtomicCheckpointIO(), *([SLURMEnvironment(auto_requeue=False)] if under_slurm() else [])],
         logger=build_loggers(cfg, run_dir),
         default_root_dir=str(run_dir),
     )
@@ -177,6 +199,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, utils.Batc
 
 
 def make_datamodule(cfg: DictConfig, data: Any, train_plan: utils.BatchPlan, eval_plan: utils.BatchPlan) -> DataModule:
+    """The data module; in ``ppl_eval`` its validation set is what ``eval.split`` names."""
     return DataModule(
         data,
         batch_size=train_plan.per_device,
@@ -184,7 +207,14 @@ def make_datamodule(cfg: DictConfig, data: Any, train_plan: utils.BatchPlan, eva
         num_workers=cfg.loader.num_workers,
         pin_memory=cfg.loader.pin_memory,
         seed=cfg.seed,
+        evaluate=cfg.mode == "ppl_eval",
+        eval_split=cfg.eval.get("split"),
     )
+
+
+def special_ids(data: Any) -> tuple[int, ...]:
+    """The BOS / EOS ids of the data's blocks (left out of the content-only NLL)."""
+    return tuple(sorted(set(block_special_ids(data.tokenizer))))
 
 
 def build_data(cfg: DictConfig) -> Any:
@@ -224,38 +254,51 @@ def choose_sampler(cfg: DictConfig, given: dict[str, str]) -> None:
         cfg.sampler = registry.load("sampler", algorithm.default_sampler)
 
 
-def load_for_eval(cfg: DictConfig, vocab_size: int, mask_index: int) -> Diffusion:
-    """Build the model recorded in ``eval.checkpoint_path`` and load its (EMA) weights.
+def adopt_for_eval(cfg: DictConfig) -> LoadedCheckpoint:
+    """Read ``eval.checkpoint_path`` and set ``cfg``'s model, backbone, noise and algorithm to its.
 
     Accepts our checkpoints, the original MDLM code's (mdlm.ckpt, ar.ckpt, sedd.ckpt) and the
     Hugging Face format (see :mod:`checkpoints`). Architecture and every algorithm option come
-    from the checkpoint (:func:`checkpoints.adopt_checkpoint`); ``model.length``, evaluation
-    options such as ``T`` and whatever the checkpoint does not record from the command line.
+    from the checkpoint (:func:`checkpoints.adopt_checkpoint`); evaluation options such as
+    ``T``, and whatever the checkpoint does not record, from the command line. Runs before the
+    data is built, so the data's blocks have the checkpoint's length.
     """
     if not cfg.eval.checkpoint_path:
         raise ValueError(f"mode={cfg.mode} needs eval.checkpoint_path=/path/to/checkpoints/last.ckpt.")
     loaded = load_checkpoint(cfg.eval.checkpoint_path, trust_remote_code=bool(cfg.eval.get("trust_remote_code")))
     given = command_line_overrides()
     backbone = HydraConfig.get().runtime.choices.get("backbone") if "backbone" in given else None
-    for note in adopt_checkpoint(cfg, loaded, given, backbone):
+    for note in adopt_checkpoint(cfg, loaded, given, backbone, allow_longer=bool(cfg.eval.allow_longer)):
         print(note)
     choose_sampler(cfg, given)
     check_options_read(cfg, given)
     check_combination(cfg)
+    return loaded
+
+
+def build_for_eval(cfg: DictConfig, loaded: LoadedCheckpoint, vocab_size: int, mask_index: int,
+                   special_ids: tuple[int, ...] = ()) -> Diffusion:
+    """The model of an adopted checkpoint (:func:`adopt_for_eval`) with its EMA (or raw) weights."""
     check_vocabulary(loaded, vocab_size, cfg.data.name)
     use_ema = loaded.ema is not None and not cfg.eval.disable_ema
     algorithm = OmegaConf.to_container(cfg.algorithm, resolve=True)
     options = ", ".join(f"{k}={v}" for k, v in algorithm.items() if not k.startswith("_") and k != "noise")
+    given = command_line_overrides()
     print(
         f"Loaded {loaded.format} checkpoint {loaded.source}: backbone {loaded.backbone_kind}, model={cfg.model.name}, "
         f"algorithm={get_class(cfg.algorithm._target_).name} ({options}), "
         f"length {cfg.model.length}{' (from the command line)' if 'model.length' in given else ''}, "
         f"{'EMA' if use_ema else 'raw'} weights."
     )
-    module = build_module(cfg, vocab_size, mask_index)
+    module = build_module(cfg, vocab_size, mask_index, special_ids)
     load_backbone_weights(module.backbone, loaded, use_ema)
     module.ema = None  # evaluation uses the loaded weights as they are (EMA or raw)
     return module
+
+
+def load_for_eval(cfg: DictConfig, vocab_size: int, mask_index: int) -> Diffusion:
+    """:func:`adopt_for_eval` then :func:`build_for_eval` (for data already built)."""
+    return build_for_eval(cfg, adopt_for_eval(cfg), vocab_size, mask_index)
 
 
 def generate_from_config(cfg: DictConfig, module: Diffusion, data: Any, num_batches: int,
@@ -273,10 +316,14 @@ def generate_from_config(cfg: DictConfig, module: Diffusion, data: Any, num_batc
 
 # --------------------------------------------------------------------------- reports
 @rank_zero_only
-def report_likelihood(results: dict[str, float], title: str) -> None:
-    nll, err = results["nll"], results["nll_stderr"]
+def report_likelihood(results: dict[str, float], title: str, exact: bool = False) -> None:
+    """Print the NLL ("NLL" for an exact likelihood such as AR's, else "NLL bound") and its content-only part."""
+    nll, err, name = results["nll"], results["nll_stderr"], "NLL" if exact else "NLL bound"
     print(f"\n{title}: {int(results['num_tokens']):,} tokens")
-    print(f"  NLL bound  {nll:.4f} ± {err:.4f} nats/token   BPD {results['bpd']:.4f}   PPL {results['ppl']:.3f}")
+    print(f"  {name:<10} {nll:.4f} ± {err:.4f} nats/token   BPD {results['bpd']:.4f}   PPL {results['ppl']:.3f}")
+    if "content_nll" in results and results["content_num_tokens"] != results["num_tokens"]:
+        print(f"  content    {results['content_nll']:.4f} ± {results['content_nll_stderr']:.4f} nats/token   "
+              f"PPL {results['content_ppl']:.3f}   ({int(results['content_num_tokens']):,} tokens: BOS / EOS left out)")
     if "true_nll" in results:
         truth, gap, gap_err = results["true_nll"], results["gap"], results["gap_stderr"]
         print(f"  true NLL   {truth:.4f} nats/token            (exact -log p of the same tokens under the source)")
@@ -287,8 +334,9 @@ def report_likelihood(results: dict[str, float], title: str) -> None:
 # --------------------------------------------------------------------------- modes
 def train(cfg: DictConfig, run_dir: Path) -> None:
     data, vocab_size, mask_index = build_data(cfg)
-    module = build_module(cfg, vocab_size, mask_index)
+    module = build_module(cfg, vocab_size, mask_index, special_ids(data))
     trainer, train_plan, eval_plan = build_trainer(cfg, run_dir)
+    check_memory(cfg, vocab_size, train_plan, eval_plan)
     print(
         f"Batch: {train_plan.per_device} per device x {train_plan.world_size} processes "
         f"x {train_plan.accumulate} accumulation = {train_plan.global_size} sequences of {cfg.model.length} tokens."
@@ -297,6 +345,7 @@ def train(cfg: DictConfig, run_dir: Path) -> None:
     ckpt_path = Path(cfg.checkpointing.resume_ckpt_path)
     resume = resume_checkpoint(ckpt_path, run_dir) if cfg.checkpointing.resume_from_ckpt else None
     if resume is not None:
+        check_resume(resume, module, run_dir)
         print(f"Resuming from {resume}")
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=None if resume is None else str(resume))
@@ -306,8 +355,12 @@ def train(cfg: DictConfig, run_dir: Path) -> None:
         print(f"Training was stopped by SIGTERM at step {trainer.global_step}; exiting with status "
               f"{128 + signal.SIGTERM}. Run the same command to resume.")
         sys.exit(128 + signal.SIGTERM)
+    if any(isinstance(c, PreemptionCheckpoint) and c.requeued for c in trainer.callbacks):
+        print(f"Training stopped for a slurm requeue at step {trainer.global_step}; exiting with status "
+              f"{128 + signal.SIGUSR1}. The requeued job resumes from checkpoints/last.ckpt.")
+        sys.exit(128 + signal.SIGUSR1)
     trainer.validate(module, datamodule=datamodule, verbose=False)
-    report_likelihood(module.last_val, "Final validation (EMA weights)")
+    report_likelihood(module.last_val, "Final validation (EMA weights)", module.algorithm.exact_likelihood)
     if not trainer.is_global_zero:
         return
     if cfg.sampling.num_sample_log > 0:
@@ -318,6 +371,30 @@ def train(cfg: DictConfig, run_dir: Path) -> None:
     print(f"\nRun directory: {run_dir} (checkpoints/, csv/version_*/metrics.csv, config_train.yaml)")
     print(f"Evaluate:  {prefix} mode=ppl_eval eval.checkpoint_path={ckpt_path}")
     print(f"Sample:    {prefix} mode=sample_eval eval.checkpoint_path={ckpt_path}")
+
+
+def check_resume(path: Path, module: Diffusion, run_dir: Path) -> None:
+    """Refuse to resume from an unreadable or incompatible checkpoint, with the ways out."""
+    ema = [p.shape for p in module.trainable_parameters()] if module.ema is not None else None
+    try:
+        check_resumable(path, module.state_dict(), ema)
+    except ValueError as error:
+        best = path.parent / "best.ckpt"
+        valid_best = best.is_file() and best != path
+        if valid_best:
+            try:
+                check_resumable(best, module.state_dict(), ema)
+            except ValueError:
+                valid_best = False
+        ways = [f"move it away (mv {path} {path}.bad) to start over in this run directory",
+                "run with checkpointing.resume_from_ckpt=false to start over (it will be overwritten)",
+                "choose a new run directory with hydra.run.dir=..."]
+        if valid_best:
+            ways.append(f"resume from {best} (readable and compatible): checkpointing.resume_ckpt_path={best}")
+        raise ValueError(
+            f"The run directory {run_dir} holds a checkpoint that training cannot resume from: {error}\nWays out:\n  - "
+            + "\n  - ".join(ways)
+        ) from None
 
 
 def eval_data_config(cfg: DictConfig, name: str) -> DictConfig:
@@ -351,13 +428,16 @@ def eval_data_config(cfg: DictConfig, name: str) -> DictConfig:
 
 
 @rank_zero_only
-def report_table(results: dict[str, dict[str, float]], path: Path) -> None:
-    """Print the per-data-set table and write it as CSV."""
-    columns = ("num_tokens", "nll", "nll_stderr", "bpd", "ppl")
-    print("| data set | tokens | NLL (nats/token) | ± | BPD | PPL |\n|---|---|---|---|---|---|")
+def report_table(results: dict[str, dict[str, float]], path: Path, quiet: bool = False) -> None:
+    """Print the per-data-set table (unless ``quiet``) and write it as CSV."""
+    columns = ("num_tokens", "nll", "nll_stderr", "bpd", "ppl", "content_num_tokens", "content_nll", "content_ppl")
+    if not quiet:
+        print("| data set | tokens | NLL (nats/token) | ± | BPD | PPL | content NLL | content PPL |\n"
+              "|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {int(r['num_tokens']):,} | {r['nll']:.4f} | {r['nll_stderr']:.4f} | {r['bpd']:.4f} "
-              f"| {r['ppl']:.2f} |")
+        if not quiet:
+            print(f"| {name} | {int(r['num_tokens']):,} | {r['nll']:.4f} | {r['nll_stderr']:.4f} | {r['bpd']:.4f} "
+                  f"| {r['ppl']:.2f} | {r['content_nll']:.4f} | {r['content_ppl']:.2f} |")
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["data", *columns])
@@ -366,31 +446,65 @@ def report_table(results: dict[str, dict[str, float]], path: Path) -> None:
 
 
 def ppl_eval(cfg: DictConfig, run_dir: Path) -> None:
+    """The NLL bound on the run's data, or on each of ``eval.datasets``.
+
+    Results are written after each data set. A data set that fails (e.g. a missing local copy)
+    is recorded under ``failed`` in ``eval_results.json``, the others are still evaluated, and
+    the run then exits with status 1.
+    """
+    loaded = adopt_for_eval(cfg)
     data, vocab_size, mask_index = build_data(cfg)
-    module = load_for_eval(cfg, vocab_size, mask_index)
+    module = build_for_eval(cfg, loaded, vocab_size, mask_index, special_ids(data))
     trainer, train_plan, eval_plan = build_trainer(cfg, run_dir)
+    check_memory(cfg, vocab_size, None, eval_plan)
     names = list(cfg.eval.datasets) or [cfg.data.name]
+    configs = {name: eval_data_config(cfg, name) for name in cfg.eval.datasets}  # unknown names fail up front
     results: dict[str, dict[str, float]] = {}
+    failed: dict[str, str] = {}
     for name in names:
-        dataset = instantiate(eval_data_config(cfg, name)) if cfg.eval.datasets else data
-        trainer.validate(module, datamodule=make_datamodule(cfg, dataset, train_plan, eval_plan), verbose=False)
-        results[name] = module.last_val
-        report_likelihood(module.last_val, f"Perplexity of {cfg.eval.checkpoint_path} on {name}")
-    if trainer.is_global_zero:
-        if len(results) > 1:
-            report_table(results, run_dir / "eval_results.csv")
-        payload = {**results[names[0]], "data": names[0], "checkpoint": str(cfg.eval.checkpoint_path),
-                   "mc_samples": cfg.eval.mc_samples, "datasets": results}
-        utils.write_json(run_dir / "eval_results.json", payload)
-        print(f"Wrote {run_dir / 'eval_results.json'}{' and eval_results.csv' if len(results) > 1 else ''}")
+        try:
+            dataset = instantiate(configs[name]) if cfg.eval.datasets else data
+            trainer.validate(module, datamodule=make_datamodule(cfg, dataset, train_plan, eval_plan), verbose=False)
+        except Exception as error:  # noqa: BLE001 - recorded, reported, and the run exits non-zero
+            if not cfg.eval.datasets:
+                raise
+            failed[name] = f"{type(error).__name__}: {error}"
+            print(f"\nppl_eval on {name} failed: {failed[name]}\n")
+        else:
+            results[name] = module.last_val
+            report_likelihood(module.last_val, f"Perplexity of {cfg.eval.checkpoint_path} on {name}",
+                              module.algorithm.exact_likelihood)
+        write_eval_results(trainer, run_dir, cfg, names, results, failed)
+    if failed:
+        print(f"ppl_eval failed on {sorted(failed)}; the results of {sorted(results) or 'no data set'} are in "
+              f"{run_dir / 'eval_results.json'}.")
+        sys.exit(1)
+
+
+def write_eval_results(trainer: L.Trainer, run_dir: Path, cfg: DictConfig, names: list[str],
+                       results: dict[str, dict[str, float]], failed: dict[str, str]) -> None:
+    """``eval_results.json`` (and with several data sets ``eval_results.csv``) as they stand."""
+    if not trainer.is_global_zero:
+        return
+    if len(names) > 1:
+        report_table(results, run_dir / "eval_results.csv", quiet=len(results) + len(failed) < len(names))
+    first = results.get(names[0], {})
+    payload = {**first, "data": names[0], "checkpoint": str(cfg.eval.checkpoint_path),
+               "mc_samples": cfg.eval.mc_samples, "datasets": results, "failed": failed,
+               "pending": [n for n in names if n not in results and n not in failed]}
+    utils.write_json(run_dir / "eval_results.json", payload)
+    if not payload["pending"]:
+        print(f"Wrote {run_dir / 'eval_results.json'}{' and eval_results.csv' if len(names) > 1 else ''}")
 
 
 def sample_eval(cfg: DictConfig, run_dir: Path) -> None:
+    loaded = adopt_for_eval(cfg)
     data, vocab_size, mask_index = build_data(cfg)
-    module = load_for_eval(cfg, vocab_size, mask_index)
+    module = build_for_eval(cfg, loaded, vocab_size, mask_index)
     accelerator, devices = utils.resolve_accelerator(cfg.trainer.accelerator, cfg.trainer.devices)
     world_size = devices * cfg.trainer.num_nodes
-    eval_plan = utils.plan_batches(cfg.loader.eval_global_batch_size, world_size, cfg.loader.eval_batch_size)
+    eval_plan = utils.plan_eval_batches(cfg.loader.eval_global_batch_size, world_size, cfg.loader.eval_batch_size)
+    check_memory(cfg, vocab_size, None, eval_plan)
     scorer = None
     if cfg.eval.compute_generative_perplexity:  # fail early, load once
         scorer = GenerativePerplexity(cfg.eval.gen_ppl_eval_model, device="cuda" if accelerator == "cuda" else "cpu",
@@ -425,6 +539,8 @@ def run(cfg: DictConfig) -> None:
     if cfg.mode not in MODES:
         raise ValueError(f"Unknown mode={cfg.mode!r}. Valid modes: {sorted(MODES)}.")
     validate_config(cfg)
+    accelerator, devices = utils.resolve_accelerator(cfg.trainer.accelerator, cfg.trainer.devices)
+    print(utils.configure_cpu_threads(processes=devices if accelerator == "cpu" else 1))
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     L.seed_everything(cfg.seed, workers=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,85 @@ def print_config_tree(cfg: DictConfig, save_path: Path | None = None) -> None:
     if save_path is not None:
         save_path.parent.mkdir(parents=True, exist_ok=True)
         save_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
+
+
+def available_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """CPU cores this process may use: its affinity mask, capped by the cgroup's CPU quota.
+
+    ``os.cpu_count()`` counts the machine's logical CPUs, which in a container or under slurm is
+    often more than the job may use; more threads than cores then slow every matrix product down.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def configure_cpu_threads(processes: int = 1, cpu_max: Path = CGROUP_CPU_MAX) -> str:
+    """Set torch's intra-op threads to the available cores / ``processes``; returns a line for the banner.
+
+    ``OMP_NUM_THREADS`` set by the user wins (it is left as it is).
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return f"CPU threads: {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})"
+    cores = available_cpus(cpu_max)
+    threads = max(1, cores // max(1, processes))
+    torch.set_num_threads(threads)
+    return (f"CPU threads: {threads} per process ({cores} cores available, {processes} process(es); "
+            "set OMP_NUM_THREADS to choose)")
+
+
+GIB = 2**30
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still get: MemAvailable, capped by the cgroup's limit; None if unknown."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit != "max" and available is not None:
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+# Copies of the (B, L, V) float32 logits alive at the peak of a step: the output, its float / masked
+# copy and the log-softmax (evaluation, sampling); training adds their gradients.
+LOGITS_COPIES = {"eval": 4, "train": 8}
+
+
+def check_logits_memory(batch: int, length: int, vocab_size: int, key: str, stage: str,
+                        available: int | None = None) -> None:
+    """Refuse, before anything is allocated, a per-process batch whose logits alone exceed the memory.
+
+    ``key`` names the option that sets ``batch`` (``loader.batch_size`` / ``loader.eval_batch_size``).
+    For CPU runs: a GPU reports its own out-of-memory error, with the same cure.
+    """
+    available = available_memory() if available is None else available
+    need = batch * length * vocab_size * 4 * LOGITS_COPIES[stage]
+    if available is None or need <= available:
+        return
+    fits = max(1, batch * available // (2 * need))  # half the memory for the logits, the rest for everything else
+    raise ValueError(
+        f"{key}={batch} needs about {need / GIB:.1f} GiB for the ({batch}, {length}, {vocab_size}) logits of one "
+        f"{'training step' if stage == 'train' else 'evaluation batch'} alone, and {available / GIB:.1f} GiB of memory "
+        f"is available. Set {key}={fits} (or smaller), or use trainer=cpu for CPU-sized defaults."
+    )
 
 
 def resolve_accelerator(accelerator: str, devices: int | str) -> tuple[str, int]:
@@ -67,14 +148,15 @@ class BatchPlan:
 
 
 def plan_batches(global_batch_size: int, world_size: int, per_device: int | None = None) -> BatchPlan:
-    """Split ``global_batch_size`` over ``world_size`` processes.
+    """Split the training batch ``loader.global_batch_size`` over ``world_size`` processes.
 
-    Without ``per_device`` every process gets ``global / world`` and no accumulation; with it,
-    gradient accumulation makes up the rest. The split must be exact, so that the global
-    batch (and hence the optimization) is the same on any number of devices.
+    Without ``per_device`` (``loader.batch_size``) every process gets ``global / world`` and no
+    accumulation; with it, gradient accumulation makes up the rest. The split must be exact, so
+    that the global batch (and hence the optimization) is the same on any number of devices.
     """
     if global_batch_size < 1 or world_size < 1:
-        raise ValueError(f"Need positive sizes, got global_batch_size={global_batch_size}, world_size={world_size}.")
+        raise ValueError(f"Need positive sizes, got loader.global_batch_size={global_batch_size}, "
+                         f"world_size={world_size}.")
     if per_device is None:
         if global_batch_size % world_size:
             raise ValueError(
@@ -88,6 +170,24 @@ def plan_batches(global_batch_size: int, world_size: int, per_device: int | None
             f"x {world_size} processes; choose sizes whose product divides the global batch."
         )
     return BatchPlan(per_device, global_batch_size // (per_device * world_size), world_size)
+
+
+def plan_eval_batches(eval_global_batch_size: int, world_size: int, per_device: int | None = None) -> BatchPlan:
+    """The evaluation batch per process: ``loader.eval_batch_size`` when given, else the global
+    ``loader.eval_global_batch_size`` split over ``world_size`` processes (exactly).
+
+    Evaluation accumulates nothing, so a given per-process size needs no relation to the global one.
+    """
+    if per_device is not None:
+        if per_device < 1:
+            raise ValueError(f"loader.eval_batch_size must be >= 1, got {per_device}.")
+        return BatchPlan(per_device, 1, world_size)
+    if eval_global_batch_size < 1 or eval_global_batch_size % world_size:
+        raise ValueError(
+            f"loader.eval_global_batch_size={eval_global_batch_size} is not a positive multiple of {world_size} "
+            "processes (devices x nodes); change it or set loader.eval_batch_size (per process)."
+        )
+    return BatchPlan(eval_global_batch_size // world_size, 1, world_size)
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

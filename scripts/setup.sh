@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Creates .venv (once) and installs requirements.txt into it (again only when it changes).
-# Source it: `source scripts/setup.sh`. Needs Python >= 3.10 with pip.
+# Source it: `source scripts/setup.sh`. Needs Python >= 3.10 with pip. The caller's shell
+# options are restored at the end (an interactive shell is not left in `set -euo pipefail`).
+_MDLM_CALLER_FLAGS="$-"
+_MDLM_CALLER_PIPEFAIL="$(shopt -po pipefail)"
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MDLM_VENV:-$ROOT/.venv}"
@@ -23,3 +26,8 @@ fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
 cd "$ROOT"
+set +eu
+case "$_MDLM_CALLER_FLAGS" in *e*) set -e ;; esac
+case "$_MDLM_CALLER_FLAGS" in *u*) set -u ;; esac
+eval "$_MDLM_CALLER_PIPEFAIL"
+unset _MDLM_CALLER_FLAGS _MDLM_CALLER_PIPEFAIL

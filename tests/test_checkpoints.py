@@ -511,7 +511,7 @@ def test_algorithm_or_backbone_mismatch_is_a_clear_error(
 def test_hf_weights_need_a_diffusion_algorithm(tmp_path: Path, eval_cfg: Any) -> None:
     write_hf_directory(tmp_path / "hf")
     for overrides in (["backbone=hf_dit"], ["parameterization=sedd", "backbone=dit"]):
-        main.load_for_eval(eval_cfg(f"eval.checkpoint_path={tmp_path / 'hf'}", "model.length=16", *overrides),
+        main.load_for_eval(eval_cfg(f"eval.checkpoint_path={tmp_path / 'hf'}", "model.length=8", *overrides),
                            VOCAB, VOCAB - 1)
     cfg = eval_cfg(f"eval.checkpoint_path={tmp_path / 'hf'}", "parameterization=ar")
     with pytest.raises(ValueError, match="holds dit weights, which algorithm=ar cannot use"):
@@ -549,10 +549,10 @@ def test_load_for_eval_of_an_original_sedd_checkpoint(tmp_path: Path, eval_cfg: 
     path = tmp_path / "sedd.ckpt"
     weights, shadows = write_original_checkpoint(path, "sedd", vocab=SYNTHETIC_VOCAB)
     cfg = eval_cfg(f"eval.checkpoint_path={path}", "model=small", "parameterization=sedd", "backbone=dit",
-                   "model.length=16", "time_conditioning=True", "sampling.predictor=analytic", "+wandb.offline=true")
+                   "model.length=8", "time_conditioning=True", "sampling.predictor=analytic", "+wandb.offline=true")
     module = main.load_for_eval(cfg, SYNTHETIC_VOCAB, SYNTHETIC_VOCAB - 1)
     assert cfg.algorithm._target_ == "algorithms.SEDD" and cfg.algorithm.time_conditioning is True
-    assert cfg.model.length == 16 and cfg.sampler._target_ == "samplers.AnalyticSampler"
+    assert cfg.model.length == 8 and cfg.sampler._target_ == "samplers.AnalyticSampler"
     assert cfg.model.hidden_size == HIDDEN and cfg.noise._target_ == "noise_schedule.LogLinear"
     assert module.ema is None and type(module.algorithm).__name__ == "SEDD"
     params = [p for p in module.backbone.parameters()]
@@ -608,7 +608,7 @@ def test_ppl_eval_of_an_original_ar_checkpoint(tmp_path: Path) -> None:
     """The original README's AR command (model sizes in the checkpoint win over model=small-ar)."""
     write_original_checkpoint(tmp_path / "ar.ckpt", "ar", vocab=SYNTHETIC_VOCAB)
     proc = run_main(tmp_path / "eval", "mode=ppl_eval", "loader.batch_size=8", "loader.eval_batch_size=16",
-                    "model=small-ar", "parameterization=ar", "backbone=ar", "model.length=16",
+                    "model=small-ar", "parameterization=ar", "backbone=ar", "model.length=8",
                     f"eval.checkpoint_path={tmp_path / 'ar.ckpt'}", "+wandb.offline=true", "wandb.mode=disabled")
     assert "Loaded original checkpoint" in proc.stdout and "backbone ar" in proc.stdout
     assert json.loads((tmp_path / "eval" / "eval_results.json").read_text())["nll"] > 0
@@ -679,3 +679,28 @@ def test_a_model_option_contradicting_the_checkpoint_is_an_error(tmp_path: Path,
     cfg = eval_cfg(f"eval.checkpoint_path={path}", "training.change_of_variables=false")
     with pytest.raises(ValueError, match="trained with training.change_of_variables=True but the command line says"):
         main.load_for_eval(cfg, SYNTHETIC_VOCAB, SYNTHETIC_VOCAB - 1)
+
+
+def test_checkpoints_from_before_the_algorithm_group_restore_their_options(tmp_path: Path, eval_cfg: Any) -> None:
+    """Our checkpoints written with the flat keys (parameterization, T, time_conditioning, training.*)."""
+    path = save_trained_checkpoint(tmp_path, ["training.change_of_variables=true", "time_conditioning=true",
+                                              "noise=geometric"])
+    checkpoint = torch.load(path, weights_only=True)
+    config = checkpoint["config"]
+    del config["algorithm"], config["sampler"]
+    config.update(parameterization="subs", subs_masking=False)  # T, time_conditioning, training: still there
+    torch.save(checkpoint, path)
+    module = main.load_for_eval(eval_cfg(f"eval.checkpoint_path={path}"), SYNTHETIC_VOCAB, SYNTHETIC_VOCAB - 1)
+    assert module.algorithm.change_of_variables and module.algorithm.time_conditioning
+    assert type(module.algorithm.noise).__name__ == "Geometric"
+
+
+def test_hf_export_keeps_every_algorithm_option(tmp_path: Path, eval_cfg: Any) -> None:
+    from checkpoints import export_hf
+
+    path = save_trained_checkpoint(tmp_path, ["training.change_of_variables=true", "time_conditioning=true",
+                                              "training.sampling_eps=0.01"])
+    export_hf(load_checkpoint(path), tmp_path / "hf")
+    cfg = eval_cfg(f"eval.checkpoint_path={tmp_path / 'hf'}", "backbone=hf_dit")
+    module = main.load_for_eval(cfg, SYNTHETIC_VOCAB, SYNTHETIC_VOCAB - 1)
+    assert module.algorithm.change_of_variables and module.algorithm.sampling_eps == 0.01

@@ -122,3 +122,15 @@ def test_fsdp_trains_with_gradient_clipping(tmp_path: Path) -> None:
     proc = run_main(tmp_path / "ema", "strategy=fsdp", "trainer.accelerator=cuda", "trainer.devices=1",
                     "trainer.max_steps=2", check=False)
     assert proc.returncode != 0 and "training.ema=0" in proc.stderr
+
+
+def test_sourcing_setup_restores_the_callers_shell_options() -> None:
+    """`source scripts/setup.sh` used to leave an interactive shell in `set -euo pipefail`, so the
+    next failing command closed the user's terminal."""
+    script = ("source scripts/setup.sh >/dev/null 2>&1; echo \"flags=$-\"; shopt -po pipefail")
+    loose = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert "set +o pipefail" in loose.stdout and not any(f in loose.stdout.split("flags=")[1].split()[0] for f in "eu")
+    strict = subprocess.run(["bash", "-c", "set -euo pipefail; " + script], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    flags = strict.stdout.split("flags=")[1].split()[0]
+    assert "set -o pipefail" in strict.stdout and "e" in flags and "u" in flags

@@ -46,11 +46,16 @@ def test_infill_template(tokenizer: PreTrainedTokenizerBase) -> None:
     assert infill_template(tokenizer, text, None, MASK_ID, BOS_ID, EOS_ID).tolist() == [expected]
     padded = infill_template(tokenizer, text, len(expected) + 4, MASK_ID, BOS_ID, EOS_ID)
     assert padded.tolist() == [expected + [MASK_ID] * 4]
-    # Markers next to each other, at the start and at the end; no markers at all.
+    # Markers next to each other, at the start and at the end.
     edges = infill_template(tokenizer, "[MASK:2][MASK] dog [MASK]", None, MASK_ID, BOS_ID, EOS_ID)
     assert edges.tolist() == [[BOS_ID, *[MASK_ID] * 3, *ids("dog"), MASK_ID, EOS_ID]]
-    plain = infill_template(tokenizer, "the dog", 6, MASK_ID, BOS_ID, EOS_ID)
-    assert plain.tolist() == [[BOS_ID, *ids("the dog"), EOS_ID, MASK_ID, MASK_ID]]
+
+
+def test_infill_without_a_marker_is_an_error(tokenizer: PreTrainedTokenizerBase) -> None:
+    """No marker: nothing to fill in. (It used to become [BOS] text [EOS] [MASK]..., a new document
+    written after the user's text, with the summary computed on the user's tokens.)"""
+    with pytest.raises(ValueError, match=r"no \[MASK\] or \[MASK:n\] marker.*use sampling.prefix"):
+        infill_template(tokenizer, "the dog", 6, MASK_ID, BOS_ID, EOS_ID)
 
 
 @pytest.mark.parametrize("count", [1, 3, 12])

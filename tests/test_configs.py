@@ -251,3 +251,13 @@ def test_a_new_sampler_is_one_class_and_one_yaml(tmp_path: Path, monkeypatch: py
     assert isinstance(module.sampler, GreedyDemoSampler)
     out = module.generate(module.sampler, torch.full((2, 8), 10), generator=torch.Generator().manual_seed(0))
     assert out.tokens.shape == (2, 8) and (out.tokens != 10).all() and out.nfe >= 1
+
+
+def test_trainer_cpu_preset(tmp_path: Path) -> None:
+    """trainer=cpu: CPU-sized defaults that work for any data and model (the quickstart's recipe)."""
+    default, cpu = make_cfg(tmp_path, ["trainer=default"]), make_cfg(tmp_path, ["trainer=cpu"])
+    assert (default.loader.global_batch_size, default.optim.lr, default.training.ema) == (512, 3e-4, 0.9999)
+    assert (cpu.trainer.accelerator, cpu.loader.global_batch_size, cpu.loader.eval_global_batch_size) == ("cpu", 32, 32)
+    assert (cpu.optim.lr, cpu.lr_scheduler.num_warmup_steps, cpu.training.ema) == (1e-3, 100, 0.999)
+    quickstart = make_cfg(tmp_path, ["experiment=quickstart", "trainer=cpu"])
+    assert quickstart.trainer.max_steps == 3000 and quickstart.loader.eval_global_batch_size == 64  # the recipe wins

@@ -81,3 +81,28 @@ def test_two_processes_give_the_numbers_of_one(tmp_path: Path, wikitext_model) -
     assert one["num_tokens"] == two["num_tokens"]
     assert one["nll"] == pytest.approx(two["nll"], rel=1e-6)
     assert one["nll_stderr"] == pytest.approx(two["nll_stderr"], rel=1e-5)
+
+
+def test_a_failing_data_set_keeps_the_others_results_and_exits_non_zero(tmp_path: Path, wikitext_model) -> None:
+    """Before: when one data set of eval.datasets failed, the results computed for the others were lost."""
+    checkpoint, data = wikitext_model
+    proc = run_main(tmp_path / "eval", *SMALL_RUN, *data, "mode=ppl_eval", f"eval.checkpoint_path={checkpoint}",
+                    "eval.datasets=[wikitext2,ptb]", f"eval.data_paths.wikitext2={data[1].split('=')[1]}",
+                    f"eval.data_paths.ptb={tmp_path / 'no-such-folder'}", base=BASE, check=False)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    assert list(results["datasets"]) == ["wikitext2"] and results["nll"] > 0
+    assert list(results["failed"]) == ["ptb"] and "no-such-folder" in results["failed"]["ptb"]
+    assert results["pending"] == [] and "ppl_eval failed on ['ptb']" in proc.stdout
+
+
+def test_eval_split_picks_a_local_data_sets_split(tmp_path: Path, wikitext_model) -> None:
+    """eval.data_paths.ptb=DIR scored ptb.valid.txt whatever one wanted; eval.split=test picks ptb.test.txt."""
+    checkpoint, data = wikitext_model
+    ptb = write_ptb(tmp_path / "ptb")
+    tokens = {}
+    for split in ("validation", "test"):
+        run_main(tmp_path / split, *SMALL_RUN, *data, "mode=ppl_eval", f"eval.checkpoint_path={checkpoint}",
+                 "eval.datasets=[ptb]", f"eval.data_paths.ptb={ptb}", f"eval.split={split}", base=BASE)
+        tokens[split] = json.loads((tmp_path / split / "eval_results.json").read_text())["num_tokens"]
+    assert tokens["test"] < tokens["validation"]  # 4 lines against 12

@@ -76,6 +76,8 @@ def test_ppl_eval_writes_results(trained, tmp_path: Path) -> None:
     for key in ("nll", "bpd", "ppl", "num_tokens", "true_nll", "nll_stderr"):
         assert key in results
     assert results["num_tokens"] == 32 * 16
+    # Content-only accounting: 32 blocks of [BOS] 14 words [EOS]; the paper's counts BOS and EOS too.
+    assert results["content_num_tokens"] == 32 * 14 and results["content_nll"] > 0
     # A bound below the source's exact NLL (beyond Monte-Carlo error) would be a bug.
     assert results["nll"] > results["true_nll"] - 3 * results["gap_stderr"]
     assert "NLL bound" in proc.stdout
@@ -164,11 +166,16 @@ def test_train_on_your_own_text_files(tmp_path: Path) -> None:
 def test_every_parameterization_trains_evaluates_and_samples(tmp_path: Path, overrides: list[str]) -> None:
     run_dir = tmp_path / "run"
     proc = run_main(run_dir, *overrides, "trainer.max_steps=4", "wandb.mode=disabled")
-    assert "NLL bound" in proc.stdout and "--- sample" in proc.stdout
+    ar = "parameterization=ar" in overrides
+    assert ("  NLL        " if ar else "  NLL bound  ") in proc.stdout and "--- sample" in proc.stdout  # AR: exact
     checkpoint = f"eval.checkpoint_path={run_dir}/checkpoints/last.ckpt"
     run_main(tmp_path / "eval", "mode=ppl_eval", checkpoint, "wandb.mode=disabled", *overrides)
     results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
     assert results["nll"] > 0 and results["nll"] == results["nll"]
+    # AR scores L - 1 next tokens (EOS among them, BOS never); the diffusion bound all L positions.
+    blocks = 32
+    assert results["num_tokens"] == blocks * (15 if ar else 16)
+    assert results["content_num_tokens"] == blocks * 14
 
 
 @pytest.mark.parametrize(
