@@ -372,11 +372,13 @@ def _omegaconf_globals() -> dict[str, Any]:
     return classes
 
 
-def safe_torch_load(path: Path) -> Any:
+def safe_torch_load(path: Path, for_evaluation: bool = True) -> Any:
     """``torch.load(path, weights_only=True)`` that also reads the original's Lightning checkpoints.
 
     OmegaConf classes are allow-listed; any other non-tensor global (the pickled tokenizer in
-    the original's ``hyper_parameters``) loads as an inert :class:`Unpickled`.
+    the original's ``hyper_parameters``) loads as an inert :class:`Unpickled`. A file that cannot be
+    read is a ValueError saying why (not written by torch.save, truncated, unsafe); with
+    ``for_evaluation`` it names ``eval.checkpoint_path`` and the accepted formats.
     """
     is_zip = zipfile.is_zipfile(path)  # torch.save's format since PyTorch 1.6
     try:
@@ -396,6 +398,8 @@ def safe_torch_load(path: Path) -> Any:
             reason = "it is truncated (a torch.save zip archive whose end is missing: an interrupted copy or write)"
         else:
             reason = "it is not a file written by torch.save"
+        if not for_evaluation:
+            raise ValueError(f"{path}: {reason}.") from error
         raise ValueError(f"eval.checkpoint_path={path}: {reason}. Accepted: {ACCEPTED_FORMATS}.") from error
 
 
@@ -412,7 +416,7 @@ def check_resumable(path: Path, state_dict: dict[str, Tensor], ema_shapes: Seque
         state_dict: the state dict of the module being trained (its names and shapes must match).
         ema_shapes: the shapes of the module's EMA parameters, or None without an EMA.
     """
-    checkpoint = safe_torch_load(path)
+    checkpoint = safe_torch_load(path, for_evaluation=False)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "config" not in checkpoint:
         raise ValueError(f"{path} is not a training checkpoint of this code (no state_dict and config).")
     saved = checkpoint["state_dict"]

@@ -73,9 +73,10 @@ def check_options_read(cfg: DictConfig, given: dict[str, str]) -> None:
         if knob in registry.option_knobs("sampler"):
             print(f"Note: {knob}={given[knob]} is not read by sampler={sampler.name}; it has no effect.")
             continue
+        own = sorted(registry.option_knobs("algorithm", registry.option_of_class("algorithm", algorithm)))
         raise ValueError(
             f"{knob}={given[knob]} is not an option of algorithm={algorithm.name}, so it would be ignored; remove it. "
-            f"algorithm={algorithm.name} reads: {sorted(read) or 'none of them'}."
+            f"algorithm={algorithm.name} takes: {own or 'none of them'}."
         )
 
 
@@ -168,8 +169,8 @@ def check_memory(cfg: DictConfig, vocab_size: int, train_plan: utils.BatchPlan |
     if accelerator != "cpu":
         return
     if train_plan is not None:
-        key = "loader.batch_size (per process; accumulation keeps loader.global_batch_size)"
-        utils.check_logits_memory(train_plan.per_device, cfg.model.length, vocab_size, key, "train")
+        utils.check_logits_memory(train_plan.per_device, cfg.model.length, vocab_size, "loader.batch_size", "train",
+                                  hint=" per process (gradient accumulation keeps loader.global_batch_size)")
     utils.check_logits_memory(eval_plan.per_device, cfg.model.length, vocab_size, "loader.eval_batch_size", "eval")
 
 

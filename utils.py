@@ -90,7 +90,7 @@ LOGITS_COPIES = {"eval": 4, "train": 8}
 
 
 def check_logits_memory(batch: int, length: int, vocab_size: int, key: str, stage: str,
-                        available: int | None = None) -> None:
+                        available: int | None = None, hint: str = "") -> None:
     """Refuse, before anything is allocated, a per-process batch whose logits alone exceed the memory.
 
     ``key`` names the option that sets ``batch`` (``loader.batch_size`` / ``loader.eval_batch_size``).
@@ -104,7 +104,7 @@ def check_logits_memory(batch: int, length: int, vocab_size: int, key: str, stag
     raise ValueError(
         f"{key}={batch} needs about {need / GIB:.1f} GiB for the ({batch}, {length}, {vocab_size}) logits of one "
         f"{'training step' if stage == 'train' else 'evaluation batch'} alone, and {available / GIB:.1f} GiB of memory "
-        f"is available. Set {key}={fits} (or smaller), or use trainer=cpu for CPU-sized defaults."
+        f"is available. Set {key}={fits} (or smaller){hint}, or use trainer=cpu for CPU-sized defaults."
     )
 
 

@@ -106,7 +106,9 @@ def run(overrides: list[str], work: Path) -> subprocess.CompletedProcess:
 def verdict(case: Case, proc: subprocess.CompletedProcess) -> tuple[str, str]:
     output = proc.stdout + proc.stderr
     errors = [line for line in output.splitlines() if "Error:" in line or line.startswith("Error")]
-    message = errors[-1] if errors else (output.strip().splitlines() or [""])[-1]
+    expected = [line for line in output.splitlines() if case.expect[0] in line]
+    message = (expected if case.ok_exit else errors)[-1:] or (output.strip().splitlines() or [""])[-1:]
+    message = message[0]
     clear = all(word in output for word in case.expect)
     if case.ok_exit:
         if proc.returncode == 0:
@@ -139,11 +141,15 @@ def main() -> None:
         for case in cases(work, checkpoint, work / "gpt2" / "checkpoints" / "last.ckpt"):
             proc = run(case.overrides, work)
             result, message = verdict(case, proc)
-            command = "python main.py " + " ".join(o.replace(str(work), "$WORK") for o in case.overrides)
+            shown = ["$TINY", *case.overrides[len(TINY):]] if case.overrides[: len(TINY)] == TINY else case.overrides
+            command = "python main.py " + " ".join(o.replace(str(work), "$WORK").replace(str(SHARED), "$SHARED")
+                                                   for o in shown)
             rows.append((case.name, case.setup, command, proc.returncode, result, message.replace(str(work), "$WORK")))
             print(f"[{result}] {case.name}: exit {proc.returncode}", flush=True)
     date = datetime.date.today().isoformat()
-    lines = [f"Made by `python scripts/bad_inputs.py --out docs/bad_inputs.md` on {date} (CPU).", "",
+    lines = [f"Made by `python scripts/bad_inputs.py --out docs/bad_inputs.md` on {date} (CPU). `$TINY` is a "
+             f"micro quickstart run: `{' '.join(TINY)}`; `$WORK` the script's scratch folder; `$SHARED` "
+             "../shared/data (real tokenizers).", "",
              "| case | prepared | exit | result | what the user reads (last error line) |", "|---|---|---|---|---|"]
     for name, setup, command, code, result, message in rows:
         message = message.replace("|", "\\|")[:300]

@@ -138,3 +138,10 @@ def test_extraction_joins_continuations_and_skips_other_lines(tmp_path: Path) ->
         ["optim.lr=0.0001", "hydra.run.dir=outputs/X"],
         ["optim.lr=0.0003", "hydra.run.dir=outputs/X"],
     ]
+
+
+def test_the_bad_input_table_has_no_silent_or_unclear_row() -> None:
+    """docs/bad_inputs.md is made by scripts/bad_inputs.py; every row must be CLEAR or CORRECT."""
+    rows = [line for line in (ROOT / "docs" / "bad_inputs.md").read_text().splitlines() if line.startswith("| ")][1:]
+    results = [row.split(" | ")[-2].strip() for row in rows]
+    assert len(results) >= 15 and set(results) <= {"CLEAR", "CORRECT"}, results
