@@ -183,11 +183,15 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, utils.Batc
     precision = cfg.trainer.precision
     if precision == "auto":
         precision = utils.default_precision(accelerator)
+    deterministic = cfg.trainer.deterministic
+    if deterministic == "auto":  # bit-identical CPU runs; on CUDA deterministic kernels cost speed (docs/clusters.md)
+        deterministic = accelerator == "cpu"
     trainer = instantiate(
         cfg.trainer,
         accelerator=accelerator,
         devices=devices,
         precision=precision,
+        deterministic=deterministic,
         accumulate_grad_batches=train_plan.accumulate,
         strategy=instantiate(cfg.strategy) if cfg.get("strategy") else "auto",
         callbacks=[instantiate(c) for c in cfg.callbacks.values()],
