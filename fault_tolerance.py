@@ -82,6 +82,7 @@ class PreemptionCheckpoint(L.Callback):
         self.requeue_signal = getattr(signal, requeue_signal)
         self._saved_step: int | None = None
         self._requeue_asked = False
+        self._last_step = -1
         self.requeued = False  # training stopped for a slurm requeue (main.py exits non-zero then)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -96,11 +97,14 @@ class PreemptionCheckpoint(L.Callback):
         # (Lightning broadcasts it at the next batch start), and saving is collective.
         if trainer.world_size == 1 and trainer.received_sigterm:
             self._save(trainer)
-        if under_slurm() and trainer.strategy.reduce_boolean_decision(self._requeue_asked, all=False):
+        stepped = trainer.global_step != self._last_step  # an optimizer step just ended (not mid-accumulation)
+        self._last_step = trainer.global_step
+        if under_slurm() and stepped and trainer.strategy.reduce_boolean_decision(self._requeue_asked, all=False):
             self._requeue(trainer)
 
     def _requeue(self, trainer: L.Trainer) -> None:
-        """Save between batches (exact resume), ask slurm to requeue the job, stop training."""
+        """Save after an optimizer step (exact resume, also with gradient accumulation), ask slurm to
+        requeue the job, stop training."""
         self._requeue_asked = False
         trainer.save_checkpoint(self.path)
         self._saved_step = trainer.global_step

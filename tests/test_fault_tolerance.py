@@ -110,12 +110,26 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path: Path, uninterr
     assert_same_training_state(uninterrupted, final_state(tmp_path))
 
 
-def test_slurm_requeue_signal_saves_requeues_and_resumes_exactly(tmp_path: Path, uninterrupted: dict) -> None:
-    """Under slurm (faked: SLURM_* variables, a recording `scontrol`): USR1 -> last.ckpt between batches,
-    `scontrol requeue`, exit 138 -> the requeued command resumes to the uninterrupted weights.
+@pytest.fixture(scope="module")
+def uninterrupted_accumulating(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The reference run with gradient accumulation (2 micro-batches of 4 per step)."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted_accumulating")
+    run_main(run_dir, *KILL_RUN, "loader.batch_size=4")
+    return final_state(run_dir)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_slurm_requeue_signal_saves_requeues_and_resumes_exactly(
+    tmp_path: Path, accumulate: int, request: pytest.FixtureRequest
+) -> None:
+    """Under slurm (faked: SLURM_* variables, a recording `scontrol`): USR1 -> last.ckpt after an optimizer
+    step, `scontrol requeue`, exit 138 -> the requeued command resumes to the uninterrupted weights, with
+    and without gradient accumulation.
 
     (Lightning's own handler wrote hpc_ckpt inside the signal handler, at any point of a step: the
     resume completed but was not bit-exact.)"""
+    extra = ["loader.batch_size=4"] if accumulate == 2 else []
+    uninterrupted = request.getfixturevalue("uninterrupted_accumulating" if accumulate == 2 else "uninterrupted")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "scontrol_calls.txt"
@@ -126,7 +140,7 @@ def test_slurm_requeue_signal_saves_requeues_and_resumes_exactly(tmp_path: Path,
              "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     run_dir = tmp_path / "run"
     env = {**os.environ, **slurm, "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "main.py", *TINY, f"hydra.run.dir={run_dir}", *KILL_RUN]
+    cmd = [sys.executable, "main.py", *TINY, f"hydra.run.dir={run_dir}", *KILL_RUN, *extra]
     process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     last = run_dir / "checkpoints" / "last.ckpt"
     wait_for(lambda: last.is_file() and torch.load(last, weights_only=True)["global_step"] >= 3, process, poll=0.05)
