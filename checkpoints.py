@@ -198,12 +198,6 @@ def legacy_algorithm(cfg: DictConfig, saved: dict[str, Any]) -> dict[str, Any]:
     return OmegaConf.to_container(base.algorithm, resolve=True)
 
 
-def _interpolated_keys(node: DictConfig) -> dict[str, str]:
-    """``{key: "path"}`` for the entries of ``node`` written as ``${path}`` (the knobs they read)."""
-    raw = OmegaConf.to_container(node, resolve=False)
-    return {k: v[2:-1] for k, v in raw.items() if isinstance(v, str) and v.startswith("${") and v.endswith("}")}
-
-
 def adopt_checkpoint(cfg: DictConfig, loaded: LoadedCheckpoint, given: dict[str, str],
                      given_backbone: str | None = None, allow_longer: bool = False) -> list[str]:
     """Set ``cfg``'s architecture and algorithm to the checkpoint's; returns notes to print.
@@ -243,8 +237,8 @@ def adopt_checkpoint(cfg: DictConfig, loaded: LoadedCheckpoint, given: dict[str,
             f"{saved_cls.parameterization}) but the command line says algorithm={composed_cls.name}: leave it out, "
             f"or pass algorithm={saved_cls.name}."
         )
-    for key, knob in _interpolated_keys(registry.load("algorithm", saved_cls.name)).items():
-        if key == "noise" or key not in algorithm:
+    for key, knob in registry.option_paths("algorithm", saved_cls.name).items():
+        if key not in algorithm:
             continue
         if knob in given:
             name, value = knob, OmegaConf.select(cfg, knob)

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import typing
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 import hub
-from corpora import Corpus, decode_error, get_corpus, load_documents, source_files, stream_documents
+from corpora import Corpus, Split, decode_error, get_corpus, load_documents, source_files, stream_documents
 from data_cache import TokenStream, default_cache_dir, load_or_build, source_fingerprint, tokenizer_fingerprint
 from detokenizers import get_detokenizer
 from synthetic import BOS_ID, EOS_ID, WORD_OFFSET, MarkovSource, build_tokenizer
@@ -54,7 +55,7 @@ DOCUMENT_SPLITTERS: dict[str, Callable[[str], list[str]]] = {
 }
 
 
-EVAL_SPLITS = ("train", "validation", "test")  # what eval.split may name
+EVAL_SPLITS: tuple[str, ...] = typing.get_args(Split)  # what eval.split may name: train / validation / test
 
 
 def check_eval_split(split: str | None, valid: tuple[str, ...], data_name: str) -> None:

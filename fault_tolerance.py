@@ -29,6 +29,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 TMP_MARKER = ".tmp-"  # temporary checkpoint files are named <target>.tmp-<pid>
+# With several processes, whether any rank got the requeue signal is agreed on (an all-reduce, a
+# device sync) every this many optimizer steps, not every step; slurm's warning comes minutes ahead.
+REQUEUE_CHECK_EVERY = 10
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -83,10 +86,12 @@ class PreemptionCheckpoint(L.Callback):
         self._saved_step: int | None = None
         self._requeue_asked = False
         self._last_step = -1
+        self._slurm = False  # requeue handling is on (a slurm job), decided once at setup
         self.requeued = False  # training stopped for a slurm requeue (main.py exits non-zero then)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and under_slurm():
+        self._slurm = stage == "fit" and under_slurm()
+        if self._slurm:
             signal.signal(self.requeue_signal, self._ask_requeue)
 
     def _ask_requeue(self, signum: int, frame: Any) -> None:
@@ -99,7 +104,15 @@ class PreemptionCheckpoint(L.Callback):
             self._save(trainer)
         stepped = trainer.global_step != self._last_step  # an optimizer step just ended (not mid-accumulation)
         self._last_step = trainer.global_step
-        if under_slurm() and stepped and trainer.strategy.reduce_boolean_decision(self._requeue_asked, all=False):
+        if not (self._slurm and stepped):
+            return
+        if trainer.world_size == 1:
+            asked = self._requeue_asked
+        elif trainer.global_step % REQUEUE_CHECK_EVERY == 0:
+            asked = trainer.strategy.reduce_boolean_decision(self._requeue_asked, all=False)
+        else:
+            return
+        if asked:
             self._requeue(trainer)
 
     def _requeue(self, trainer: L.Trainer) -> None:

@@ -36,7 +36,7 @@ def make_sampler(sampler_config: DictConfig, algorithm: Algorithm, float64: bool
     """
     dtype = "float64" if float64 else "float32"  # names samplers.check_sampling_dtype accepts
     sampler = instantiate(sampler_config)(**algorithm.sampler_inputs(), dtype=dtype)
-    check_fits(sampler, algorithm.denoiser_kind, algorithm.name, registry.samplers_accepting(algorithm.denoiser_kind))
+    check_fits(sampler, algorithm, lambda: registry.samplers_accepting(algorithm.denoiser_kind))
     return sampler
 
 

@@ -44,11 +44,7 @@ from diffusion import Diffusion
 from fault_tolerance import AtomicCheckpointIO, PreemptionCheckpoint, resume_checkpoint, under_slurm
 from generation import generate_samples, make_sampler, print_samples, sample_template, score_samples
 from metrics import GenerativePerplexity
-
-# Keys that moved into the algorithm / sampler groups: set in an experiment file, they would be ignored.
-MOVED_KEYS = {"parameterization": "- override /algorithm: NAME (mdlm, d3pm, sedd, ar) in its defaults list",
-              "sampling.predictor": "- override /sampler: NAME in its defaults list",
-              "diffusion": "nothing (remove it)", "eval.generate_samples": "nothing (remove it)"}
+from samplers import check_fits
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -62,21 +58,20 @@ def check_options_read(cfg: DictConfig, given: dict[str, str]) -> None:
     is allowed (the original's command lines pass e.g. ``time_conditioning=false`` to every model).
     """
     algorithm, sampler = get_class(cfg.algorithm._target_), get_class(cfg.sampler._target_)
-    read = (registry.option_knobs("algorithm", registry.option_of_class("algorithm", algorithm))
-            | registry.option_knobs("sampler", registry.option_of_class("sampler", sampler)))
-    defaults = OmegaConf.load(registry.CONFIGS / "config.yaml")
-    for knob in sorted(registry.option_knobs("algorithm") | registry.option_knobs("sampler")):
-        if knob not in given or knob in read:
-            continue
+    own = registry.option_knobs("algorithm", registry.option_of_class("algorithm", algorithm))
+    read = own | registry.option_knobs("sampler", registry.option_of_class("sampler", sampler))
+    sampler_knobs = registry.option_knobs("sampler")
+    unread = sorted(k for k in (registry.option_knobs("algorithm") | sampler_knobs) if k in given and k not in read)
+    defaults = OmegaConf.load(registry.CONFIGS / "config.yaml") if unread else None
+    for knob in unread:
         if given[knob].lower() == str(OmegaConf.select(defaults, knob)).lower():
             continue
-        if knob in registry.option_knobs("sampler"):
+        if knob in sampler_knobs:
             print(f"Note: {knob}={given[knob]} is not read by sampler={sampler.name}; it has no effect.")
             continue
-        own = sorted(registry.option_knobs("algorithm", registry.option_of_class("algorithm", algorithm)))
         raise ValueError(
             f"{knob}={given[knob]} is not an option of algorithm={algorithm.name}, so it would be ignored; remove it. "
-            f"algorithm={algorithm.name} takes: {own or 'none of them'}."
+            f"algorithm={algorithm.name} takes: {sorted(own) or 'none of them'}."
         )
 
 
@@ -88,15 +83,8 @@ def check_combination(cfg: DictConfig) -> None:
         needs = ("a causal backbone: backbone=ar (e.g. model=small-ar)" if algorithm.causal else
                  "a bidirectional backbone: backbone=dit, or backbone=dimamba with model=tiny-dimamba")
         raise ValueError(f"algorithm={algorithm.name} with backbone {backbone.__name__}: it needs {needs}.")
-    sampler = get_class(cfg.sampler._target_)
-    if sampler.accepts != algorithm.denoiser_kind:
-        fitting = registry.samplers_accepting(algorithm.denoiser_kind)
-        raise ValueError(
-            f"sampler={sampler.name} does not apply to algorithm={algorithm.name} (parameterization="
-            f"{algorithm.parameterization}); valid choices: {fitting} (sampler=NAME, or the original's "
-            "sampling.predictor=NAME). Leave it out for the default, "
-            f"{algorithm.default_sampler}."
-        )
+    check_fits(get_class(cfg.sampler._target_), algorithm,
+               lambda: registry.samplers_accepting(algorithm.denoiser_kind))
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -105,8 +93,11 @@ def validate_config(cfg: DictConfig) -> None:
     In the evaluation modes the algorithm comes from the checkpoint, so :func:`load_for_eval`
     checks the options given on the command line after adopting it.
     """
-    for key, fix in MOVED_KEYS.items():
+    for key in (*config_aliases.RENAMED, *config_aliases.DROPPED):  # set in a config file, it would be ignored
         if OmegaConf.select(cfg, key) is not None:
+            new = config_aliases.RENAMED.get(key)
+            fix = (f"- override /{new}: NAME in its defaults list" if new and "." not in new else
+                   f"{new} instead" if new else "nothing (remove it)")
             raise ValueError(f"{key} is set in a config file, but it moved: write {fix}. "
                              "(On the command line the original's names still work.)")
     if cfg.mode == "train":

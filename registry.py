@@ -46,18 +46,21 @@ def option_of_class(group: str, cls: type) -> str:
     raise ValueError(f"{cls.__module__}.{cls.__qualname__} has no config in configs/{group}/.")
 
 
-def option_knobs(group: str, name: str | None = None) -> set[str]:
-    """The config paths that ``configs/<group>/<name>.yaml`` (every option of the group if None) reads.
+def option_paths(group: str, name: str) -> dict[str, str]:
+    """``{key: path}`` for the keys of ``configs/<group>/<name>.yaml`` written as ``${path}``.
 
     The algorithm and sampler configs read the original's option names (``T: ${T}``,
-    ``steps: ${sampling.steps}``); other groups they read whole (``noise: ${noise}``) are left out.
+    ``steps: ${sampling.steps}``); keys that read a whole group (``noise: ${noise}``) are left out.
     """
-    names = options(group) if name is None else [name]
-    paths: set[str] = set()
-    for option in names:
-        raw = OmegaConf.to_container(load(group, option), resolve=False)
-        paths |= {v[2:-1] for v in raw.values() if isinstance(v, str) and v.startswith("${") and v.endswith("}")}
-    return {path for path in paths if not (CONFIGS / path).is_dir()}
+    raw = OmegaConf.to_container(load(group, name), resolve=False)
+    paths = {k: v[2:-1] for k, v in raw.items() if isinstance(v, str) and v.startswith("${") and v.endswith("}")}
+    return {k: path for k, path in paths.items() if not (CONFIGS / path).is_dir()}
+
+
+def option_knobs(group: str, name: str | None = None) -> set[str]:
+    """The config paths that ``configs/<group>/<name>.yaml`` (every option of the group if None) reads."""
+    return {path for option in (options(group) if name is None else [name])
+            for path in option_paths(group, option).values()}
 
 
 def samplers_accepting(denoiser_kind: str) -> list[str]:

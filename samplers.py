@@ -154,22 +154,20 @@ class Sampler(abc.ABC):
         """Generate the masked positions of ``x`` (B, L); other tokens are kept as given."""
 
 
-def check_fits(sampler: Sampler | type[Sampler], denoiser_kind: str, algorithm: str,
-               fitting: Sequence[str] = ()) -> None:
-    """Raise a ValueError unless ``sampler`` accepts the denoiser an algorithm provides.
+def check_fits(sampler: Sampler | type[Sampler], algorithm: Any, fitting: Callable[[], Sequence[str]]) -> None:
+    """Raise a ValueError unless ``sampler`` accepts the denoiser that ``algorithm`` provides.
 
     Args:
         sampler: the sampler (or its class).
-        denoiser_kind: the algorithm's ``denoiser_kind``.
-        algorithm: the algorithm's name, for the message.
-        fitting: the names of the samplers that would fit, for the message.
+        algorithm: the algorithm (or its class): ``denoiser_kind``, ``name``, ``parameterization``,
+            ``default_sampler``.
+        fitting: returns the names of the samplers that fit, for the message (called only on a mismatch).
     """
-    if sampler.accepts != denoiser_kind:
-        valid = f" Samplers that fit it: {list(fitting)}." if fitting else ""
+    if sampler.accepts != algorithm.denoiser_kind:
         raise ValueError(
-            f"sampler={sampler.name} needs a denoiser of kind {sampler.accepts!r}, but algorithm={algorithm} "
-            f"provides {denoiser_kind!r}.{valid} Choose one with sampler=NAME (or the original's "
-            "sampling.predictor=NAME), or leave it out to use the algorithm's default."
+            f"sampler={sampler.name} does not apply to algorithm={algorithm.name} (parameterization="
+            f"{algorithm.parameterization}); valid choices: {list(fitting())} (sampler=NAME, or the original's "
+            f"sampling.predictor=NAME). Leave it out for the default, {algorithm.default_sampler}."
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import main
 import registry
@@ -261,3 +262,15 @@ def test_trainer_cpu_preset(tmp_path: Path) -> None:
     assert (cpu.optim.lr, cpu.lr_scheduler.num_warmup_steps, cpu.training.ema) == (1e-3, 100, 0.999)
     quickstart = make_cfg(tmp_path, ["experiment=quickstart", "trainer=cpu"])
     assert quickstart.trainer.max_steps == 3000 and quickstart.loader.eval_global_batch_size == 64  # the recipe wins
+
+
+@pytest.mark.parametrize("key,fix", [("parameterization", "- override /algorithm: NAME"),
+                                     ("sampling.predictor", "- override /sampler: NAME"),
+                                     ("diffusion", "nothing (remove it)")])
+def test_an_original_key_set_in_a_config_file_is_an_error(tmp_path: Path, key: str, fix: str) -> None:
+    """In an experiment file the original's names would be silently ignored (only the command line is rewritten)."""
+    cfg = make_cfg(tmp_path)
+    with open_dict(cfg):
+        OmegaConf.update(cfg, key, "subs", force_add=True)
+    with pytest.raises(ValueError, match=f"{key} is set in a config file, but it moved: write {re.escape(fix)}"):
+        main.validate_config(cfg)
