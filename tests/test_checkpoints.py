@@ -704,3 +704,17 @@ def test_hf_export_keeps_every_algorithm_option(tmp_path: Path, eval_cfg: Any) -
     cfg = eval_cfg(f"eval.checkpoint_path={tmp_path / 'hf'}", "backbone=hf_dit")
     module = main.load_for_eval(cfg, SYNTHETIC_VOCAB, SYNTHETIC_VOCAB - 1)
     assert module.algorithm.change_of_variables and module.algorithm.sampling_eps == 0.01
+
+
+def test_an_adopted_algorithm_gets_its_default_sampler(tmp_path: Path, eval_cfg: Any) -> None:
+    """Sampling sedd.ckpt without naming its sampler: the composed default (ddpm_cache, for mdlm) does not
+    fit SEDD, so the checkpoint's algorithm brings its own (analytic). A sampler named on the command
+    line is kept, and checked."""
+    path = tmp_path / "sedd.ckpt"
+    write_original_checkpoint(path, "sedd", vocab=SYNTHETIC_VOCAB)
+    cfg = eval_cfg(f"eval.checkpoint_path={path}", "model.length=8")
+    module = main.load_for_eval(cfg, SYNTHETIC_VOCAB, SYNTHETIC_VOCAB - 1)
+    assert cfg.sampler._target_ == "samplers.AnalyticSampler" and module.sampler.name == "analytic"
+    cfg = eval_cfg(f"eval.checkpoint_path={path}", "model.length=8", "sampler=ddpm")
+    with pytest.raises(ValueError, match=r"sampler=ddpm does not apply to algorithm=sedd.*valid choices: \['analytic"):
+        main.load_for_eval(cfg, SYNTHETIC_VOCAB, SYNTHETIC_VOCAB - 1)
