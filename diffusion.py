@@ -117,8 +117,23 @@ class Diffusion(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
+            if self._ema_active:
+                self._put_back_training_weights(checkpoint)
         if self.run_config is not None:
             checkpoint["config"] = self.run_config
+
+    def _put_back_training_weights(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint written while the EMA weights are swapped in (during validation, e.g. on a
+        preemption) must hold the training weights, which the swap keeps aside, not the averages."""
+        raw = dict(zip(map(id, self.trainable_parameters()), self.ema.collected_params, strict=True))
+        state = checkpoint["state_dict"]
+        for name, param in self.named_parameters(remove_duplicate=False):  # tied weights under every name
+            if id(param) in raw:
+                if name not in state:
+                    raise RuntimeError(f"Saving during an EMA swap: parameter {name} is not in the state dict "
+                                       f"(keys like {list(state)[:3]}); cannot put the training weights back.")
+                state[name] = raw[id(param)].to(state[name].device)
+        checkpoint["ema"] = {**checkpoint["ema"], "collected_params": []}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.ema is not None and "ema" in checkpoint:

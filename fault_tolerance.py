@@ -6,12 +6,13 @@
   checkpoint intact. Lightning's default writes through a temporary file in ``/tmp`` and
   *moves* it, which is a copy, not a rename, when ``/tmp`` and the run folder are on
   different file systems (the usual case on a cluster).
-- :class:`PreemptionCheckpoint`: on SIGTERM Lightning stops at the next batch boundary with
-  ``SIGTERMException``; this callback then writes ``checkpoints/last.ckpt``. Under slurm it also
-  takes the requeue signal (``#SBATCH --signal=USR1@120``): it writes ``last.ckpt`` at the next
-  batch boundary, runs ``scontrol requeue $SLURM_JOB_ID`` and stops training, so the requeued
-  job resumes exactly. (Lightning's own handler, turned off in ``main.build_trainer``, saved
-  ``hpc_ckpt_<n>.ckpt`` inside the signal handler, at any point of a step.)
+- :class:`PreemptionCheckpoint`: on SIGTERM, and under slurm on the requeue signal
+  (``#SBATCH --signal=USR1@120``), all processes agree to stop after the current optimizer step
+  (or validation batch), write ``checkpoints/last.ckpt`` together and raise
+  :class:`TrainingStopped`; the requeue signal also runs ``scontrol requeue $SLURM_JOB_ID``.
+  Resuming from that checkpoint is exact, with one process or several. (Lightning's own
+  handlers are replaced: its requeue handler saved ``hpc_ckpt_<n>.ckpt`` inside the signal
+  handler at any point of a step, and its SIGTERM handler hung multi-process runs.)
 - :func:`resume_checkpoint`: the newest of ``last.ckpt`` and ``hpc_ckpt_*.ckpt``.
 """
 
@@ -20,18 +21,15 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 TMP_MARKER = ".tmp-"  # temporary checkpoint files are named <target>.tmp-<pid>
-# With several processes, whether any rank got the requeue signal is agreed on (an all-reduce, a
-# device sync) every this many optimizer steps, not every step; slurm's warning comes minutes ahead.
-REQUEUE_CHECK_EVERY = 10
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -67,79 +65,115 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-class PreemptionCheckpoint(L.Callback):
-    """Write ``<dirpath>/last.ckpt`` when training stops on SIGTERM (and only then).
+class TrainingStopped(Exception):
+    """Training stopped on a signal after ``last.ckpt`` was written; ``main.py`` exits with 128 + ``signum``."""
 
-    After a SIGTERM, Lightning finishes the current batch and raises ``SIGTERMException``. The
-    checkpoint is written at the end of that batch (``on_train_batch_end``), the same point
-    where the periodic checkpoints are written, so resuming from it is exact like resuming from
-    those (one process; with several, Lightning raises on all ranks together at the next batch
-    start and the checkpoint is written then). A SIGTERM outside a training batch (e.g. during
-    validation) saves when the exception arrives. Other exceptions save nothing: a crash in the
-    middle of a step could leave a half-updated state, and the last periodic checkpoint is the
-    safe place to resume from.
+    def __init__(self, signum: int, step: int, path: Path) -> None:
+        super().__init__(f"{signal.Signals(signum).name} at step {step}: saved {path}")
+        self.signum, self.step, self.path = signum, step, path
+
+
+class PreemptionCheckpoint(L.Callback):
+    """Write ``<dirpath>/last.ckpt`` and stop when SIGTERM (or, under slurm, the requeue signal) arrives.
+
+    The signal handlers are ours and only set a flag; Lightning's SIGTERM handler is replaced for
+    the training run. (Lightning's broadcasts from inside the handler and raises per process at
+    the end of a batch; with several processes a SIGTERM to one of them, or to all at slightly
+    different times, left the ranks in different collectives and the run hung.)
+
+    The flag is acted on at a point every process reaches in the same order:
+
+    - after an optimizer step (``on_train_batch_end`` when ``global_step`` moved, so never in the
+      middle of gradient accumulation). The periodic checkpoints are written at the same point,
+      so resuming from this one is as exact as resuming from those;
+    - after a validation batch during ``fit`` (periodic validation, the sanity check), so a long
+      validation does not use up the grace period. Resuming re-runs that validation and then
+      continues training exactly (training noise is seeded per batch, not drawn from a stream
+      that validation advances).
+
+    With several processes the flags are summed over ranks there (one all-reduce of two numbers
+    per optimizer step; Lightning itself broadcasts a flag before every batch); validation batches
+    are checked only up to the number that every rank runs (the shards may differ by one batch).
+    All ranks then save together and raise :class:`TrainingStopped`. The requeue signal also runs
+    ``scontrol requeue`` (rank 0). Other exceptions save nothing: a crash in the middle of a step
+    could leave a half-updated state, and the last periodic checkpoint is the safe place to resume.
     """
 
     def __init__(self, dirpath: str | os.PathLike, filename: str = "last", requeue_signal: str = "SIGUSR1") -> None:
         self.path = Path(dirpath) / f"{filename}.ckpt"
         self.requeue_signal = getattr(signal, requeue_signal)
-        self._saved_step: int | None = None
-        self._requeue_asked = False
+        self._asked: set[int] = set()  # signals received and not yet acted on
         self._last_step = -1
         self._slurm = False  # requeue handling is on (a slurm job), decided once at setup
-        self.requeued = False  # training stopped for a slurm requeue (main.py exits non-zero then)
+        self._val_batches = 0  # validation batches seen in the current validation run
+        self._val_common = 0  # ... of which every rank runs this many
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._slurm = stage == "fit" and under_slurm()
-        if self._slurm:
-            signal.signal(self.requeue_signal, self._ask_requeue)
 
-    def _ask_requeue(self, signum: int, frame: Any) -> None:
-        self._requeue_asked = True  # acted on at the end of the batch; nothing else runs in the handler
+    def _install(self) -> None:
+        """Take SIGTERM (and the requeue signal) over from Lightning, which registers its handlers after
+        ``setup``/``on_fit_start``; its teardown restores the handlers that were there before it."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        signal.signal(signal.SIGTERM, self._on_signal)
+        if self._slurm:
+            signal.signal(self.requeue_signal, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._asked.add(signum)  # acted on at the next agreed point; nothing else runs in the handler
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install()
+        self._last_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        # One process only: with several, the flag may be set on some ranks and not yet on others
-        # (Lightning broadcasts it at the next batch start), and saving is collective.
-        if trainer.world_size == 1 and trainer.received_sigterm:
-            self._save(trainer)
-        stepped = trainer.global_step != self._last_step  # an optimizer step just ended (not mid-accumulation)
+        if trainer.global_step == self._last_step:
+            return  # inside gradient accumulation: wait for the optimizer step
         self._last_step = trainer.global_step
-        if not (self._slurm and stepped):
+        self._act(trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._val_batches = 0
+        batches = int(sum(trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches))
+        if trainer.world_size > 1 and trainer.state.fn == "fit":
+            count = torch.tensor([batches], device=trainer.strategy.root_device)
+            batches = int(trainer.strategy.reduce(count, reduce_op="min").item())
+        self._val_common = batches
+
+    def on_validation_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self._val_batches += 1
+        if trainer.state.fn == "fit" and self._val_batches <= self._val_common:
+            self._act(trainer)
+
+    def _act(self, trainer: L.Trainer) -> None:
+        asked = [signal.SIGTERM in self._asked, self.requeue_signal in self._asked]
+        if trainer.world_size > 1:
+            flags = torch.tensor(asked, dtype=torch.int32, device=trainer.strategy.root_device)
+            asked = (trainer.strategy.reduce(flags, reduce_op="sum") > 0).tolist()  # any rank
+        stop, requeue = asked
+        if not (stop or requeue):
             return
-        if trainer.world_size == 1:
-            asked = self._requeue_asked
-        elif trainer.global_step % REQUEUE_CHECK_EVERY == 0:
-            asked = trainer.strategy.reduce_boolean_decision(self._requeue_asked, all=False)
-        else:
-            return
-        if asked:
-            self._requeue(trainer)
-
-    def _requeue(self, trainer: L.Trainer) -> None:
-        """Save after an optimizer step (exact resume, also with gradient accumulation), ask slurm to
-        requeue the job, stop training."""
-        self._requeue_asked = False
+        self._asked.clear()
         trainer.save_checkpoint(self.path)
-        self._saved_step = trainer.global_step
-        trainer.should_stop = True
-        self.requeued = True
+        signum = signal.SIGTERM if stop else self.requeue_signal
         if trainer.is_global_zero:
-            job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ["SLURM_JOB_ID"]
-            if os.environ.get("SLURM_ARRAY_TASK_ID"):
-                job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-            status = "requeued" if result.returncode == 0 else f"requeue failed ({result.stderr.strip()})"
-            print(f"Requeue signal: saved {self.path} at step {trainer.global_step}; job {job} {status}.")
+            print(f"{signal.Signals(signum).name}: saved {self.path} at step {trainer.global_step}.")
+            if not stop:
+                self._requeue()
+        raise TrainingStopped(signum, trainer.global_step, self.path)
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException) and self._saved_step != trainer.global_step:
-            self._save(trainer)
-
-    def _save(self, trainer: L.Trainer) -> None:
-        trainer.save_checkpoint(self.path)
-        self._saved_step = trainer.global_step
-        if trainer.is_global_zero:
-            print(f"SIGTERM: saved {self.path} at step {trainer.global_step}; run the same command to resume.")
+    @staticmethod
+    def _requeue() -> None:
+        job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ["SLURM_JOB_ID"]
+        if os.environ.get("SLURM_ARRAY_TASK_ID"):
+            job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        status = "requeued" if result.returncode == 0 else f"requeue failed ({result.stderr.strip()})"
+        print(f"Job {job} {status}.")
 
 
 def under_slurm() -> bool:

@@ -41,7 +41,7 @@ from checkpoints import (
 )
 from dataloader import DataModule, block_special_ids, vocab_and_mask
 from diffusion import Diffusion
-from fault_tolerance import AtomicCheckpointIO, PreemptionCheckpoint, resume_checkpoint, under_slurm
+from fault_tolerance import AtomicCheckpointIO, TrainingStopped, resume_checkpoint, under_slurm
 from generation import generate_samples, make_sampler, print_samples, sample_template, score_samples
 from metrics import GenerativePerplexity
 from samplers import check_fits
@@ -345,16 +345,18 @@ def train(cfg: DictConfig, run_dir: Path) -> None:
         print(f"Resuming from {resume}")
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=None if resume is None else str(resume))
-    except SIGTERMException:
-        # Preempted: checkpoints/last.ckpt was written (fault_tolerance.PreemptionCheckpoint). Exit as
-        # killed by SIGTERM, so that a job chain or scheduler does not take the run for finished.
-        print(f"Training was stopped by SIGTERM at step {trainer.global_step}; exiting with status "
-              f"{128 + signal.SIGTERM}. Run the same command to resume.")
+    except TrainingStopped as stopped:
+        # Preempted (SIGTERM) or about to hit the time limit (slurm's requeue signal): last.ckpt was
+        # written (fault_tolerance.PreemptionCheckpoint). Exit as killed by that signal, so that a job
+        # chain or scheduler does not take the run for finished.
+        then = "The requeued job resumes" if stopped.signum != signal.SIGTERM else "Run the same command to resume"
+        if trainer.is_global_zero:
+            print(f"Training was stopped by {signal.Signals(stopped.signum).name} at step {stopped.step}; exiting "
+                  f"with status {128 + stopped.signum}. {then} from {stopped.path}.")
+        sys.exit(128 + stopped.signum)
+    except SIGTERMException:  # Lightning's handler, before ours took over (setup): nothing trained yet
+        print(f"Training was stopped by SIGTERM before it started; exiting with status {128 + signal.SIGTERM}.")
         sys.exit(128 + signal.SIGTERM)
-    if any(isinstance(c, PreemptionCheckpoint) and c.requeued for c in trainer.callbacks):
-        print(f"Training stopped for a slurm requeue at step {trainer.global_step}; exiting with status "
-              f"{128 + signal.SIGUSR1}. The requeued job resumes from checkpoints/last.ckpt.")
-        sys.exit(128 + signal.SIGUSR1)
     trainer.validate(module, datamodule=datamodule, verbose=False)
     report_likelihood(module.last_val, "Final validation (EMA weights)", module.algorithm.exact_likelihood)
     if not trainer.is_global_zero:

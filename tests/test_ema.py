@@ -72,3 +72,32 @@ def test_nested_ema_swaps_restore_the_raw_weights() -> None:
             assert all(torch.equal(p, e) for p, e in zip(module.trainable_parameters(), ema, strict=True))
         assert all(torch.equal(p, e) for p, e in zip(module.trainable_parameters(), ema, strict=True))
     assert all(torch.equal(p, r) for p, r in zip(module.trainable_parameters(), raw, strict=True))
+
+
+def test_a_checkpoint_written_during_an_ema_swap_holds_the_training_weights() -> None:
+    """A preemption during validation saves while the EMA weights are swapped in: the checkpoint's
+    state dict must still be the training weights (every name of a tied weight), and the EMA entry
+    the averages. (It held the averages as training weights, and the resumed run diverged.)"""
+    import functools
+
+    from algorithms import AR
+    from diffusion import Diffusion
+
+    backbone = torch.nn.Sequential(torch.nn.Embedding(4, 3), torch.nn.Linear(3, 4))
+    backbone[1].weight = torch.nn.Parameter(torch.randn(4, 3))
+    backbone.tied = backbone[1]  # the same module (and weights) under a second name
+    module = Diffusion(backbone=backbone, algorithm=AR(0),
+                       optimizer=functools.partial(torch.optim.SGD, lr=0.1), ema_decay=0.5)
+    with torch.no_grad():
+        for p in module.backbone.parameters():
+            p.add_(2.0)
+    raw = {k: v.clone() for k, v in module.state_dict().items()}
+    ema = [s.clone() for s in module.ema.shadow_params]
+    with module.ema_weights():
+        checkpoint = {"state_dict": module.state_dict()}
+        module.on_save_checkpoint(checkpoint)
+    assert "backbone.tied.weight" in checkpoint["state_dict"]
+    assert checkpoint["state_dict"].keys() == raw.keys()
+    assert all(torch.equal(checkpoint["state_dict"][k], raw[k]) for k in raw)
+    assert all(torch.equal(a, b) for a, b in zip(checkpoint["ema"]["shadow_params"], ema, strict=True))
+    assert checkpoint["ema"]["collected_params"] == []
