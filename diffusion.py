@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from algorithms import Algorithm, Draws, LossOutput, item_draws
 from metrics import NLLMetric
-from models.ema import ExponentialMovingAverage
+from models.ema import ExponentialMovingAverage, clean_name, gather_shards, scatter_full
 from samplers import SampleOutput, Sampler, semi_ar_sample
 
 
@@ -78,6 +78,9 @@ class Diffusion(L.LightningModule):
         self.sampler = sampler
         self.ema = ExponentialMovingAverage(self.trainable_parameters(), ema_decay) if ema_decay > 0 else None
         self._ema_active = False  # the EMA weights are swapped in (ema_weights)
+        self._ema_sharded = False  # the EMA holds FSDP shards (shard_ema, from on_fit_start under strategy=fsdp)
+        self._fsdp_root: nn.Module | None = None
+        self._trainable_names = [n for n, p in self.named_parameters() if p.requires_grad]
         self.val_metric = NLLMetric()
         # The same NLL on content tokens only: without the BOS / EOS positions (special_ids), which
         # the paper's accounting includes for diffusion models (see docs/evaluation.md).
@@ -115,29 +118,65 @@ class Diffusion(L.LightningModule):
             self.ema.update(self.trainable_parameters())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The EMA as full tensors (gathered from the shards under FSDP), and the training weights in
+        the state dict even while the EMA weights are swapped in (a save during validation)."""
         if self.ema is not None:
-            checkpoint["ema"] = self.ema.state_dict()
+            shadow, raw = self.ema.shadow_params, self.ema.collected_params
+            if self._ema_sharded:  # collective: every rank saves (only rank 0 writes)
+                root, params = self._fsdp_parameters()
+                shadow = gather_shards(root, params, shadow)
+                raw = gather_shards(root, params, raw) if self._ema_active else []
+            checkpoint["ema"] = {**self.ema.state_dict(), "shadow_params": shadow, "collected_params": []}
             if self._ema_active:
-                self._put_back_training_weights(checkpoint)
+                self._put_back_training_weights(checkpoint["state_dict"], raw)
         if self.run_config is not None:
             checkpoint["config"] = self.run_config
 
-    def _put_back_training_weights(self, checkpoint: dict[str, Any]) -> None:
-        """A checkpoint written while the EMA weights are swapped in (during validation, e.g. on a
-        preemption) must hold the training weights, which the swap keeps aside, not the averages."""
-        raw = dict(zip(map(id, self.trainable_parameters()), self.ema.collected_params, strict=True))
-        state = checkpoint["state_dict"]
+    def _put_back_training_weights(self, state: dict[str, Tensor], raw: list[Tensor]) -> None:
+        """The state dict was taken with the EMA weights in the parameters' places; ``raw`` are the
+        training weights (full tensors, in ``trainable_parameters`` order) that the swap kept aside."""
+        if not state:
+            return  # a rank that writes nothing (FSDP gathers to rank 0)
+        by_param = dict(zip(map(id, self.trainable_parameters()), raw, strict=True))
         for name, param in self.named_parameters(remove_duplicate=False):  # tied weights under every name
-            if id(param) in raw:
-                if name not in state:
-                    raise RuntimeError(f"Saving during an EMA swap: parameter {name} is not in the state dict "
+            if id(param) in by_param:
+                key = clean_name(name)
+                if key not in state:
+                    raise RuntimeError(f"Saving during an EMA swap: parameter {key} is not in the state dict "
                                        f"(keys like {list(state)[:3]}); cannot put the training weights back.")
-                state[name] = raw[id(param)].to(state[name].device)
-        checkpoint["ema"] = {**checkpoint["ema"], "collected_params": []}
+                state[key] = by_param[id(param)].to(state[key].device)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.ema is not None and "ema" in checkpoint:
-            self.ema.load_state_dict(checkpoint["ema"])
+            state = checkpoint["ema"]
+            if self._ema_sharded:  # full tensors in the checkpoint -> this rank's shards
+                if len(state["shadow_params"]) != len(self.ema.shadow_params):
+                    self.ema.load_state_dict(state)  # the error that says which checkpoint does not fit
+                root, params = self._fsdp_parameters()
+                state = {**state, "shadow_params": scatter_full(root, params, state["shadow_params"]),
+                         "collected_params": []}
+            self.ema.load_state_dict(state)
+
+    # ----------------------------------------------------------------- FSDP
+    def _fsdp_parameters(self) -> tuple[nn.Module, dict[str, nn.Parameter]]:
+        """The outermost FSDP module and the trainable parameters by their full-state-dict names, in
+        the order of ``trainable_parameters`` (and of the EMA's tensors)."""
+        params = {clean_name(n): p for n, p in self.named_parameters() if p.requires_grad}
+        if list(params) != self._trainable_names:
+            raise RuntimeError("FSDP changed the order of the parameters; the EMA tensors would not line up "
+                               f"with them (first names now {list(params)[:3]}, before {self._trainable_names[:3]}).")
+        return self._fsdp_root, params
+
+    def shard_ema(self, root: nn.Module) -> None:
+        """Under FSDP (``root``: the outermost FSDP module around this one, ``use_orig_params=True``):
+        from now on the EMA holds this rank's shards of the averages, like the parameters, and its
+        checkpoint entry is gathered to and scattered from full tensors. Called by ``on_fit_start``."""
+        if self.ema is None or self._ema_sharded:
+            return
+        self.__dict__["_fsdp_root"] = root  # a reference, not a submodule (root contains this module)
+        _, params = self._fsdp_parameters()
+        self.ema.shadow_params = scatter_full(root, params, self.ema.shadow_params)
+        self._ema_sharded = True
 
     # ----------------------------------------------------------------- training
     def _loss(self, batch: dict[str, Any], draws: Draws | None = None) -> LossOutput:
@@ -158,11 +197,9 @@ class Diffusion(L.LightningModule):
         return loss
 
     def on_fit_start(self) -> None:
-        if self.ema is not None and isinstance(self.trainer.strategy, FSDPStrategy):
-            raise ValueError(
-                "training.ema > 0 with strategy=fsdp: the EMA copy of the weights is not sharded yet. "
-                "Set training.ema=0, or use strategy=ddp."
-            )
+        # Before a checkpoint is restored (FSDP restores after setup and on_fit_start).
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            self.shard_ema(self.trainer.strategy.model)
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,

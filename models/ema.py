@@ -6,7 +6,8 @@ The state dict has the original MDLM layout (``decay``, ``num_updates``, ``shado
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -90,3 +91,70 @@ class ExponentialMovingAverage:
             t.detach().clone().to(mine.device) for t, mine in zip(shadow, self.shadow_params, strict=True)
         ]
         self.collected_params = list(state.get("collected_params") or [])
+
+
+# --------------------------------------------------------------------------- sharded (FSDP) parameters
+# Under FSDP (use_orig_params=True) each parameter is a view of this process's shard of a flat
+# parameter, so an EMA built from those views is sharded the same way: update, copy_to, store and
+# restore work shard by shard, and the EMA costs 1/world_size of the weights per process. Only its
+# checkpoint needs the full tensors; they are gathered and scattered by FSDP itself, with the
+# shards put in the parameters' places for the duration (the weights are put back afterwards).
+FSDP_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter's name without the wrappers' prefixes: the key of a full state dict."""
+    for prefix in FSDP_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+@contextlib.contextmanager
+def _weights_kept(params: list[nn.Parameter]) -> Iterator[None]:
+    """Whatever the block writes into ``params``, their weights are put back after it."""
+    kept = [p.detach().clone() for p in params]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, k in zip(params, kept, strict=True):
+                p.copy_(k)
+
+
+def _full_state_dict_type(root: nn.Module, rank0_only: bool) -> contextlib.AbstractContextManager:
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    on_gpu = any(p.is_cuda for p in root.parameters())  # offloading a CPU state dict to the CPU crashes torch
+    config = FullStateDictConfig(offload_to_cpu=on_gpu, rank0_only=rank0_only)
+    return FSDP.state_dict_type(root, StateDictType.FULL_STATE_DICT, config)
+
+
+def gather_shards(root: nn.Module, params: dict[str, nn.Parameter], shards: list[Tensor]) -> list[Tensor]:
+    """The full tensors whose local shards are ``shards`` (one per parameter of ``params``, in order),
+    on rank 0 (on the CPU when training on GPUs); an empty list on the other ranks. Collective: every
+    rank calls it. ``root`` is the outermost FSDP module, ``params`` its parameters by clean name."""
+    targets = list(params.values())
+    with _weights_kept(targets), _full_state_dict_type(root, rank0_only=True):
+        with torch.no_grad():
+            for p, shard in zip(targets, shards, strict=True):
+                p.copy_(shard)
+        state = root.state_dict()
+    if not state:
+        return []
+    missing = [name for name in params if name not in state]
+    if missing:
+        raise RuntimeError(f"FSDP's full state dict lacks {missing[:3]} (keys like {list(state)[:3]}).")
+    return [state[name].detach().clone() for name in params]
+
+
+def scatter_full(root: nn.Module, params: dict[str, nn.Parameter], full: list[Tensor]) -> list[Tensor]:
+    """This rank's shards of the full tensors ``full`` (one per parameter of ``params``, in order).
+    Collective: every rank calls it with the same full tensors."""
+    targets = list(params.values())
+    with _weights_kept(targets), _full_state_dict_type(root, rank0_only=False):
+        # strict=False: buffers are not part of an EMA; a wrong shape is still an error.
+        result = root.load_state_dict(dict(zip(params, full, strict=True)), strict=False)
+        if result.unexpected_keys:
+            raise RuntimeError(f"FSDP did not recognise {result.unexpected_keys[:3]}.")
+        return [p.detach().clone() for p in targets]
