@@ -128,6 +128,38 @@ def sample_categorical(
     return torch.div(probs, noise, out=noise).argmax(dim=-1)  # in place: V can be 50k
 
 
+# Nucleus (top-p) rules. "remdm": keep the tokens whose cumulative probability, in decreasing
+# order, is <= p, plus the most likely one (ReMDM's code and paper; the token that crosses p is
+# dropped). "hf": keep the smallest set whose probability reaches p (Hugging Face, Holtzman et al.;
+# the crossing token is kept). With p = 0.9 and probabilities (0.5, 0.3, 0.15, 0.05): "remdm"
+# keeps 2 tokens (0.8), "hf" keeps 3 (0.95).
+TOP_P_RULES = ("remdm", "hf")
+# What a diffusion sampler does with positions still masked after its last step.
+NOISE_REMOVAL = ("argmax", "sample", "none")
+
+
+def nucleus(probs: Tensor, top_p: float, rule: str = "remdm") -> Tensor:
+    """Zero the tokens outside the top-p nucleus of each row of ``probs`` (..., V).
+
+    Rows need not be normalised (the comparison is with ``top_p`` times the row's total); the
+    result is not renormalised (:func:`sample_categorical` does not need it). ``rule`` is one of
+    :data:`TOP_P_RULES`. ``top_p >= 1`` returns ``probs`` unchanged.
+    """
+    if rule not in TOP_P_RULES:
+        raise ValueError(f"top_p_rule={rule!r}; valid choices: {list(TOP_P_RULES)}")
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(-1, descending=True)
+    cumulative = sorted_probs.cumsum(-1)
+    limit = top_p * cumulative[..., -1:]
+    if rule == "remdm":
+        keep = cumulative <= limit
+        keep[..., 0] = True
+    else:
+        keep = cumulative - sorted_probs < limit  # the mass of strictly more likely tokens is below p
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs * keep)
+
+
 class Sampler(abc.ABC):
     """The interface every sampler has.
 
@@ -172,19 +204,29 @@ def check_fits(sampler: Sampler | type[Sampler], algorithm: Any, fitting: Callab
 
 
 class DiffusionSampler(Sampler):
-    """Shared math of the ancestral samplers: the time grid, the reverse step, noise removal.
+    """Shared math of the samplers for masked diffusion: the time grid, the reverse step, the
+    token distribution (temperature, nucleus) and noise removal.
 
     Args:
         noise: the noise schedule the model was trained with; only ``move_chance(t)`` and
             ``total_noise(t)`` are used, so any schedule works.
         mask_index: id of the mask token.
-        steps: number of reverse steps from ``t = 1`` to ``t = eps``.
+        steps: number of reverse steps from ``t = 1`` to ``t = eps`` (None for samplers
+            without a time grid, e.g. first-hitting).
         eps: final time; the grid is ``linspace(1, eps, steps + 1)``.
-        noise_removal: after the last step, set positions still masked to the argmax of
-            the denoiser at ``t = eps``.
+        noise_removal: what happens to positions still masked after the last step:
+            ``"argmax"`` (or true, the original's) sets them to the denoiser's most likely token
+            at ``t = eps``; ``"sample"`` draws them from it (temperature and nucleus applied);
+            ``"none"`` (or false) leaves them masked.
         dtype: precision of the categorical draws (the uniform / exponential noise and the
             step's probabilities): ``torch.float64`` (default) or ``torch.float32``, which
             truncates the tail (see :func:`sample_categorical`). The time grid is float64.
+        temperature: > 0; tokens are drawn from ``p^(1/temperature)`` (renormalised). 1 samples
+            the model's distribution; below 1 is not exact in law.
+        top_p: in (0, 1]; tokens are drawn from the nucleus of ``p`` (after temperature). 1
+            disables it; below 1 is not exact in law.
+        top_p_rule: ``"remdm"`` (default: cumulative probability <= p plus the top token, as
+            ReMDM) or ``"hf"`` (the smallest set reaching p, as Hugging Face); see :func:`nucleus`.
     """
 
     accepts = X0_LOG_PROBS
@@ -193,28 +235,58 @@ class DiffusionSampler(Sampler):
         self,
         noise: NoiseSchedule,
         mask_index: int,
-        steps: int,
+        steps: int | None,
         eps: float = 1e-5,
-        noise_removal: bool = True,
+        noise_removal: bool | str | None = True,
         dtype: torch.dtype | str = torch.float64,
+        *,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_p_rule: str = "remdm",
     ) -> None:
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1):
             raise ValueError(f"sampler steps must be an integer >= 1, got {steps!r}.")
         if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0.0 < eps < 1.0:
             raise ValueError(f"sampler eps must be a float in (0, 1), got {eps!r}.")
         if isinstance(mask_index, bool) or not isinstance(mask_index, numbers.Integral) or mask_index < 0:
             raise ValueError(f"mask_index must be an integer >= 0, got {mask_index!r}.")
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
+            raise ValueError(f"sampler temperature must be a number > 0, got {temperature!r}.")
+        if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0.0 < top_p <= 1.0:
+            raise ValueError(f"sampler top_p must be in (0, 1], got {top_p!r}.")
+        if top_p_rule not in TOP_P_RULES:
+            raise ValueError(f"sampler top_p_rule={top_p_rule!r}; valid choices: {list(TOP_P_RULES)}")
         self.noise = noise
         self.mask_index = int(mask_index)
-        self.steps = int(steps)
+        self.steps = None if steps is None else int(steps)
         self.eps = float(eps)
-        self.noise_removal = noise_removal
+        self.noise_removal = self._check_noise_removal(noise_removal)
         self.dtype = check_sampling_dtype(dtype)
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.top_p_rule = top_p_rule
+
+    @staticmethod
+    def _check_noise_removal(value: bool | str | None) -> str | None:
+        """true / "argmax" -> "argmax", "sample" -> "sample", false / None / "none" -> None."""
+        if value is True or value == "argmax":
+            return "argmax"
+        if value is False or value is None or value == "none":
+            return None
+        if value == "sample":
+            return "sample"
+        raise ValueError(f"sampler noise_removal={value!r}; valid choices: {list(NOISE_REMOVAL)} (or true / false)")
+
+    @property
+    def exact(self) -> bool:
+        """Whether the token draws are the model's distribution (temperature 1, no nucleus)."""
+        return self.temperature == 1.0 and self.top_p >= 1.0
 
     def __repr__(self) -> str:
+        extra = "" if self.exact else f", temperature={self.temperature}, top_p={self.top_p} ({self.top_p_rule})"
         return (
             f"{type(self).__name__}(steps={self.steps}, eps={self.eps}, "
-            f"mask_index={self.mask_index}, noise_removal={self.noise_removal}, dtype={self.dtype})"
+            f"mask_index={self.mask_index}, noise_removal={self.noise_removal}, dtype={self.dtype}{extra})"
         )
 
     # ---- shared pieces ------------------------------------------------------------------
@@ -231,12 +303,17 @@ class DiffusionSampler(Sampler):
 
     def _time_grid(self, device: torch.device) -> Tensor:
         """(steps + 1,) float64 times ``t_i = 1 - i (1 - eps) / steps``."""
+        if self.steps is None:
+            raise TypeError(f"{type(self).__name__} has no time grid (steps=None).")
         return torch.linspace(1.0, self.eps, self.steps + 1, dtype=torch.float64, device=device)
 
     def _call(self, denoiser: Denoiser, x: Tensor, t: Tensor) -> Tensor:
         """Run the denoiser on x (B, L) at the scalar time t; returns log-probs (B, L, V)."""
-        sigma = self.noise.total_noise(t).to(SIGMA_DTYPE).repeat(x.shape[0])  # (B,)
-        log_p = denoiser(x, sigma)
+        return self._call_sigma(denoiser, x, self.noise.total_noise(t).to(SIGMA_DTYPE).repeat(x.shape[0]))
+
+    def _call_sigma(self, denoiser: Denoiser, x: Tensor, sigma: Tensor) -> Tensor:
+        """Run the denoiser on x (B, L) at noise levels sigma (B,); returns log-probs (B, L, V)."""
+        log_p = denoiser(x, sigma.to(SIGMA_DTYPE))
         if log_p.dim() != 3 or log_p.shape[:2] != x.shape or log_p.shape[2] <= self.mask_index:
             raise ValueError(
                 f"denoiser must return log-probs of shape (B, L, V) = ({x.shape[0]}, "
@@ -275,18 +352,34 @@ class DiffusionSampler(Sampler):
         unmask = masked & (u * m_t < m_t - m_s)  # P = (m_t - m_s) / m_t, without dividing
         if not unmask.any():
             return x
-        probs = log_p[unmask].to(self.dtype).exp_()  # (N, V), N unmasking positions
-        probs[:, self.mask_index] = 0.0
         x_s = x.clone()
-        x_s[unmask] = sample_categorical(probs, generator, self.dtype)
+        x_s[unmask] = self._draw(log_p[unmask], generator)  # N unmasking positions
         return x_s
 
-    def _remove_noise(self, log_p: Tensor, x: Tensor) -> Tensor:
-        """Set masked positions of x (B, L) to ``argmax_v log_p[..., v]``, v != mask."""
+    def _token_probs(self, log_p: Tensor) -> Tensor:
+        """(N, V) log p_theta rows (a fresh tensor: it is modified) -> (N, V) unnormalised probabilities
+        in ``self.dtype``: the mask token removed, temperature and nucleus applied."""
+        log_p = log_p.to(self.dtype)
+        if self.temperature != 1.0:  # p^(1/T), from the row maximum so that small T cannot underflow a row
+            log_p = (log_p - log_p.amax(-1, keepdim=True)).div_(self.temperature)
+        probs = log_p.exp_()
+        probs[:, self.mask_index] = 0.0
+        return nucleus(probs, self.top_p, self.top_p_rule)
+
+    def _draw(self, log_p: Tensor, generator: torch.Generator | None) -> Tensor:
+        """(N, V) log p_theta rows (a fresh tensor) -> (N,) tokens drawn from :meth:`_token_probs`."""
+        return sample_categorical(self._token_probs(log_p), generator, self.dtype)
+
+    def _remove_noise(self, log_p: Tensor, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Fill the masked positions of x (B, L): ``argmax_v log_p[..., v]`` (v != mask), or a draw
+        from the token distribution when ``noise_removal == "sample"``."""
         masked = x == self.mask_index  # (B, L)
         log_p = log_p[masked]  # (N, V), a copy
-        log_p[:, self.mask_index] = -torch.inf
         x = x.clone()
+        if self.noise_removal == "sample":
+            x[masked] = self._draw(log_p, generator)
+            return x
+        log_p[:, self.mask_index] = -torch.inf
         x[masked] = log_p.argmax(dim=-1)
         return x
 
@@ -316,7 +409,7 @@ class DDPMSampler(DiffusionSampler):
             nfe += 1
             x = self._step(log_p, x, times[i], times[i + 1], generator)
         if self.noise_removal and (x == self.mask_index).any():
-            x = self._remove_noise(self._call(denoiser, x, times[-1]), x)
+            x = self._remove_noise(self._call(denoiser, x, times[-1]), x, generator)
             nfe += 1
         return SampleOutput(tokens=x, nfe=nfe)
 
@@ -345,11 +438,16 @@ class DDPMCacheSampler(DiffusionSampler):
         mask_index: int,
         steps: int,
         eps: float = 1e-5,
-        noise_removal: bool = True,
+        noise_removal: bool | str | None = True,
         time_conditioning: bool | None = None,
         dtype: torch.dtype | str = torch.float64,
+        *,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_p_rule: str = "remdm",
     ) -> None:
-        super().__init__(noise, mask_index, steps, eps=eps, noise_removal=noise_removal, dtype=dtype)
+        super().__init__(noise, mask_index, steps, eps=eps, noise_removal=noise_removal, dtype=dtype,
+                         temperature=temperature, top_p=top_p, top_p_rule=top_p_rule)
         self.time_conditioning = time_conditioning
 
     @torch.no_grad()
@@ -384,7 +482,7 @@ class DDPMCacheSampler(DiffusionSampler):
             if stale or time_conditioned:
                 cache = self._call(denoiser, x, times[-1])
                 nfe += 1
-            x = self._remove_noise(cache, x)
+            x = self._remove_noise(cache, x, generator)
         return SampleOutput(tokens=x, nfe=nfe)
 
 
@@ -440,6 +538,18 @@ class AnalyticSampler(DiffusionSampler):
 
     name = "analytic"
     accepts = LOG_SCORE
+
+    def __init__(
+        self,
+        noise: NoiseSchedule,
+        mask_index: int,
+        steps: int,
+        eps: float = 1e-5,
+        noise_removal: bool | str | None = True,
+        dtype: torch.dtype | str = torch.float64,
+    ) -> None:
+        # No temperature / nucleus: its step mixes the score with the transition, not p(x_0 | x_t).
+        super().__init__(noise, mask_index, steps, eps=eps, noise_removal=noise_removal, dtype=dtype)
 
     @torch.no_grad()
     def sample(
@@ -570,6 +680,7 @@ class ARSampler(Sampler):
         mask_index: id marking the positions to generate; it is never sampled.
         temperature: > 0; 1 samples the model's distribution.
         top_p: in (0, 1]; 1 disables nucleus truncation.
+        top_p_rule: ``"remdm"`` (default, as the diffusion samplers) or ``"hf"``; see :func:`nucleus`.
         kv_cache: reuse keys/values of the prefix (one token of compute per step).
         dtype: ``torch.float64`` (default) or ``torch.float32``, which truncates the tail
             of the next-token distribution (see :func:`sample_categorical`).
@@ -586,14 +697,18 @@ class ARSampler(Sampler):
         top_p: float = 1.0,
         kv_cache: bool = True,
         dtype: torch.dtype | str = torch.float64,
+        top_p_rule: str = "remdm",
     ) -> None:
         if not temperature > 0:
             raise ValueError(f"sampler.temperature must be > 0, got {temperature}.")
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"sampler.top_p must be in (0, 1], got {top_p}.")
+        if top_p_rule not in TOP_P_RULES:
+            raise ValueError(f"sampler.top_p_rule={top_p_rule!r}; valid choices: {list(TOP_P_RULES)}")
         self.mask_index = int(mask_index)
         self.temperature = float(temperature)
         self.top_p = float(top_p)
+        self.top_p_rule = top_p_rule
         self.kv_cache = bool(kv_cache)
         self.dtype = check_sampling_dtype(dtype)
 
@@ -601,13 +716,7 @@ class ARSampler(Sampler):
         """(B, V) logits -> (B, V) probabilities in ``self.dtype`` after mask removal, temperature, top-p."""
         logits = logits.to(self.dtype) / self.temperature
         logits[:, self.mask_index] = -torch.inf
-        probs = logits.softmax(-1)
-        if self.top_p < 1.0:
-            sorted_probs, order = probs.sort(-1, descending=True)
-            mass_before = sorted_probs.cumsum(-1) - sorted_probs  # mass of strictly more likely tokens
-            sorted_probs = sorted_probs.masked_fill(mass_before >= self.top_p, 0.0)
-            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        return probs
+        return nucleus(logits.softmax(-1), self.top_p, self.top_p_rule)
 
     @torch.no_grad()
     def sample(

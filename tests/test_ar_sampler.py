@@ -41,11 +41,15 @@ def test_kv_cache_gives_the_same_tokens(temperature: float, top_p: float) -> Non
 
 
 def test_top_p_keeps_the_nucleus_and_temperature_scales() -> None:
-    sampler = ARSampler(mask_index=4, top_p=0.6)
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0 + 1e-9]]))
-    probs = sampler.next_token_probs(logits)
-    assert probs[0, 4] == 0  # mask never sampled
-    assert torch.all(probs[0, 2:] == 0) and probs[0, 0] > 0 and probs[0, 1] > 0
+    # p = 0.9: ReMDM's rule keeps the tokens with cumulative probability <= 0.9 (0.5, 0.3); Hugging
+    # Face's keeps the smallest set reaching 0.9, so the crossing token (0.15) too.
+    for rule, kept in (("remdm", 2), ("hf", 3)):
+        probs = ARSampler(mask_index=4, top_p=0.9, top_p_rule=rule).next_token_probs(logits)
+        assert probs[0, 4] == 0  # mask never sampled
+        assert torch.all(probs[0, kept:] == 0) and torch.all(probs[0, :kept] > 0), rule
+    probs = ARSampler(mask_index=4, top_p=0.4).next_token_probs(logits)  # below the top token: it alone
+    assert probs[0, 0] > 0 and torch.all(probs[0, 1:] == 0)
     cold = ARSampler(mask_index=4, temperature=0.5).next_token_probs(logits)
     ratio = cold[0, 0] / cold[0, 1]
     torch.testing.assert_close(ratio, torch.tensor((0.5 / 0.3) ** 2, dtype=torch.float64))

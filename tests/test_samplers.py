@@ -469,7 +469,8 @@ def golden_run(name: str, **kwargs: object) -> Tensor:
     if name == "ar":
         x = torch.full((4, 6), MASK)
         x[:, 0] = 0
-        sampler = ARSampler(MASK, temperature=0.9, top_p=0.95, kv_cache=False, **kwargs)
+        # recorded with the Hugging Face nucleus, the AR sampler's rule before top_p_rule existed
+        sampler = ARSampler(MASK, temperature=0.9, top_p=0.95, kv_cache=False, top_p_rule="hf", **kwargs)
         return sampler.sample(bigram_model, x, generator=torch.Generator().manual_seed(4)).tokens
     denoiser = toy_score if name == "analytic" else Oracle()
     sampler = make(name, steps=4, eps=0.05, **kwargs)
