@@ -49,7 +49,7 @@ class LossOutput:
 
     nll: Tensor   # (B, L') nats per scored token (L' = L, or L - 1 for next-token prediction)
     mask: Tensor  # (B, L') 1 for scored tokens, 0 for padding / unscored
-    tokens: Tensor | None = None  # (B, L') the token scored at each position (x0, or x0[:, 1:] for AR)
+    tokens: Tensor  # (B, L') the token scored at each position (x0, or x0[:, 1:] for AR)
 
 
 @dataclass

@@ -267,14 +267,14 @@ def adopt_checkpoint(cfg: DictConfig, loaded: LoadedCheckpoint, given: dict[str,
             with open_dict(cfg):
                 cfg.data.tokenizer_name_or_path = tokenizer
     length, trained = cfg.model.length, saved.get("model", {}).get("length")
-    if "model.length" in given and trained is not None and length > trained and not allow_longer:
-        raise ValueError(
-            f"model.length={length} is longer than the {trained} tokens eval.checkpoint_path={source} was trained "
-            "on; the model was never trained on such positions. To sample longer, use semi-autoregressive "
-            f"windows (sampling.semi_ar=true sampling.stride_length=S sampling.num_strides=K keep model.length="
-            f"{trained}); to go ahead anyway, add eval.allow_longer=true."
-        )
     if "model.length" in given and trained is not None and length > trained:
+        if not allow_longer:
+            raise ValueError(
+                f"model.length={length} is longer than the {trained} tokens eval.checkpoint_path={source} was trained "
+                "on; the model was never trained on such positions. To sample longer, use semi-autoregressive "
+                f"windows (sampling.semi_ar=true sampling.stride_length=S sampling.num_strides=K keep model.length="
+                f"{trained}); to go ahead anyway, add eval.allow_longer=true."
+            )
         notes.append(f"Note: model.length={length} is longer than the trained {trained} (eval.allow_longer=true).")
     with open_dict(cfg):
         for key in ("model", "backbone", "noise"):

@@ -36,7 +36,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from noise_schedule import NoiseSchedule
-from samplers import Denoiser, DiffusionSampler, SampleOutput
+from samplers import Denoiser, DiffusionSampler, SampleOutput, ranks
 
 # How the confidence of a proposal is measured: the model's probability of it, or a uniform number.
 REMASKING = ("low_confidence", "random")
@@ -169,7 +169,7 @@ class ConfidenceSampler(DiffusionSampler):
             log_p = self._call(denoiser, x, times[i])  # (B, L, V)
             nfe += 1
             tokens, confidence = self._propose(log_p, x, candidates, generator)
-            commit = candidates & (self._rank(confidence) < k[:, None])
+            commit = candidates & (ranks(confidence) < k[:, None])
             x = torch.where(commit, tokens, x)
         return x, nfe
 
@@ -188,7 +188,7 @@ class ConfidenceSampler(DiffusionSampler):
             log_p = self._call(denoiser, x, self._time_left(masked.sum() / start))  # (B, L, V)
             nfe += 1
             tokens, confidence = self._propose(log_p, x, candidates, generator)
-            commit = candidates & ((self._rank(confidence) == 0) | (confidence >= self.threshold))
+            commit = candidates & ((ranks(confidence) == 0) | (confidence >= self.threshold))
             x = torch.where(commit, tokens, x)
         return x, nfe
 
@@ -219,15 +219,7 @@ class ConfidenceSampler(DiffusionSampler):
         confidence[rows, cols] = scores
         return tokens, confidence
 
-    @staticmethod
-    def _rank(confidence: Tensor) -> Tensor:
-        """(B, L) rank of each position in its row by decreasing confidence (0 = most confident; ties: leftmost)."""
-        return confidence.argsort(dim=-1, descending=True, stable=True).argsort(-1)
-
     def _draw(self, log_p: Tensor, generator: torch.Generator | None) -> Tensor:
         """(N, V) log p_theta rows (a fresh tensor) -> (N,) tokens: the argmax (mask excluded) at temperature 0,
         the limit of ``p^(1/T)`` (a nucleus always keeps it); otherwise :meth:`DiffusionSampler._draw`."""
-        if self.temperature > 0.0:
-            return super()._draw(log_p, generator)
-        log_p[:, self.mask_index] = -torch.inf
-        return log_p.argmax(-1)
+        return super()._draw(log_p, generator) if self.temperature > 0.0 else self._greedy(log_p)

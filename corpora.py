@@ -275,7 +275,7 @@ def _local_documents(
         )
     except DatasetGenerationError as error:  # datasets wraps the reader's error; ours says what to do
         cause = error.__cause__
-        if isinstance(cause, ValueError) and " is not valid " in str(cause):
+        if isinstance(cause, TextDecodeError):
             raise cause from None
         raise
 
@@ -324,7 +324,11 @@ def _split_files(corpus: Corpus, path: Path, split: str) -> list[Path]:
     return files
 
 
-def decode_error(file: str | os.PathLike, encoding: str, fix: str) -> ValueError:
+class TextDecodeError(ValueError):
+    """A text file that is not valid in its encoding (:func:`decode_error` says where and what to do)."""
+
+
+def decode_error(file: str | os.PathLike, encoding: str, fix: str) -> TextDecodeError:
     """The error for a file that is not valid ``encoding`` text: its name, the first bad byte's offset, the way out."""
     raw = Path(file).read_bytes()
     try:
@@ -333,8 +337,8 @@ def decode_error(file: str | os.PathLike, encoding: str, fix: str) -> ValueError
         where = f"byte {error.start:,} ({raw[error.start:error.start + 1]!r}: {error.reason})"
     else:
         where = "a byte that cannot be decoded"
-    return ValueError(f"{file} is not valid {encoding} text at {where}. Convert it (e.g. `iconv -f latin1 -t utf-8 "
-                      f"{Path(file).name} > fixed.txt`), {fix}")
+    return TextDecodeError(f"{file} is not valid {encoding} text at {where}. Convert it (e.g. `iconv -f latin1 "
+                           f"-t utf-8 {Path(file).name} > fixed.txt`), {fix}")
 
 
 def _read_text_files(files: list[str], rule: LineRule, stamp: object = None) -> Iterator[dict[str, str]]:

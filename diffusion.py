@@ -78,7 +78,7 @@ class Diffusion(L.LightningModule):
         self.sampler = sampler
         self.ema = ExponentialMovingAverage(self.trainable_parameters(), ema_decay) if ema_decay > 0 else None
         self._ema_active = False  # the EMA weights are swapped in (ema_weights)
-        self._ema_sharded = False  # the EMA holds FSDP shards (shard_ema, from on_fit_start under strategy=fsdp)
+        # The outermost FSDP module when the EMA holds FSDP shards (shard_ema, from on_fit_start under strategy=fsdp).
         self._fsdp_root: nn.Module | None = None
         self._trainable_names = [n for n, p in self.named_parameters() if p.requires_grad]
         self.val_metric = NLLMetric()
@@ -122,7 +122,7 @@ class Diffusion(L.LightningModule):
         the state dict even while the EMA weights are swapped in (a save during validation)."""
         if self.ema is not None:
             shadow, raw = self.ema.shadow_params, self.ema.collected_params
-            if self._ema_sharded:  # collective: every rank saves (only rank 0 writes)
+            if self._fsdp_root is not None:  # collective: every rank saves (only rank 0 writes)
                 root, params = self._fsdp_parameters()
                 shadow = gather_shards(root, params, shadow)
                 raw = gather_shards(root, params, raw) if self._ema_active else []
@@ -149,7 +149,7 @@ class Diffusion(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.ema is not None and "ema" in checkpoint:
             state = checkpoint["ema"]
-            if self._ema_sharded:  # full tensors in the checkpoint -> this rank's shards
+            if self._fsdp_root is not None:  # full tensors in the checkpoint -> this rank's shards
                 if len(state["shadow_params"]) != len(self.ema.shadow_params):
                     self.ema.load_state_dict(state)  # the error that says which checkpoint does not fit
                 root, params = self._fsdp_parameters()
@@ -171,12 +171,11 @@ class Diffusion(L.LightningModule):
         """Under FSDP (``root``: the outermost FSDP module around this one, ``use_orig_params=True``):
         from now on the EMA holds this rank's shards of the averages, like the parameters, and its
         checkpoint entry is gathered to and scattered from full tensors. Called by ``on_fit_start``."""
-        if self.ema is None or self._ema_sharded:
+        if self.ema is None or self._fsdp_root is not None:
             return
         self.__dict__["_fsdp_root"] = root  # a reference, not a submodule (root contains this module)
         _, params = self._fsdp_parameters()
         self.ema.shadow_params = scatter_full(root, params, self.ema.shadow_params)
-        self._ema_sharded = True
 
     # ----------------------------------------------------------------- training
     def _loss(self, batch: dict[str, Any], draws: Draws | None = None) -> LossOutput:
@@ -244,7 +243,8 @@ class Diffusion(L.LightningModule):
             if "index" in batch:
                 draws = item_draws(batch["index"], batch["input_ids"].shape[1], self.seed, sample, self.mc_samples)
             out = self._loss(batch, draws)
-            content = self._content_mask(out)                                          # (B, L')
+            if sample == 0:  # the scored positions and their tokens are the same for every draw
+                content = self._content_mask(out)                                      # (B, L')
             nll_sum = nll_sum + out.nll.sum(-1, dtype=torch.float64)
             content_sum = content_sum + (out.nll * content).sum(-1, dtype=torch.float64)
         self.val_metric.update(nll_sum / self.mc_samples, out.mask.sum(-1), batch.get("true_nll"))
@@ -252,7 +252,7 @@ class Diffusion(L.LightningModule):
 
     def _content_mask(self, out: LossOutput) -> Tensor:
         """(B, L') the scored positions whose token is not BOS / EOS."""
-        if out.tokens is None or not self.special_ids:
+        if not self.special_ids:
             return out.mask
         special = torch.tensor(self.special_ids, device=out.tokens.device)
         return out.mask * ~torch.isin(out.tokens, special)

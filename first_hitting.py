@@ -32,7 +32,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from noise_schedule import NoiseSchedule
-from samplers import Denoiser, DiffusionSampler, SampleOutput
+from samplers import Denoiser, DiffusionSampler, SampleOutput, ranks
 
 
 class FirstHittingSampler(DiffusionSampler):
@@ -124,5 +124,4 @@ class FirstHittingSampler(DiffusionSampler):
         """(B, L) bool: ``k[b]`` of the masked positions of each row, uniformly without replacement."""
         scores = torch.rand(masked.shape, dtype=torch.float64, device=masked.device, generator=generator)
         scores = scores.masked_fill(~masked, -1.0)
-        rank = scores.argsort(-1, descending=True).argsort(-1)  # (B, L) 0 = highest score
-        return masked & (rank < k[:, None])
+        return masked & (ranks(scores) < k[:, None])

@@ -90,7 +90,7 @@ def check_combination(cfg: DictConfig) -> None:
 def validate_config(cfg: DictConfig) -> None:
     """Reject invalid combinations before any data is loaded, naming the valid choices.
 
-    In the evaluation modes the algorithm comes from the checkpoint, so :func:`load_for_eval`
+    In the evaluation modes the algorithm comes from the checkpoint, so :func:`adopt_for_eval`
     checks the options given on the command line after adopting it.
     """
     for key in (*config_aliases.RENAMED, *config_aliases.DROPPED):  # set in a config file, it would be ignored
@@ -301,7 +301,7 @@ def generate_from_config(cfg: DictConfig, module: Diffusion, data: Any, num_batc
                          batch_size: int) -> list[dict[str, Any]]:
     """``generation.generate_samples`` with the template, seed, semi-AR windows and device of ``cfg``."""
     accelerator, _ = utils.resolve_accelerator(cfg.trainer.accelerator, 1)
-    module.to("cuda" if accelerator == "cuda" else "cpu")
+    module.to(accelerator)  # "cuda" or "cpu"
     s, sampler = cfg.sampling, module.sampler
     template = sample_template(data.tokenizer, cfg.model.length, module.algorithm.mask_index, sampler,
                                prefix=s.prefix, infill=s.infill)

@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from noise_schedule import NoiseSchedule
-from samplers import Denoiser, DiffusionSampler, SampleOutput, sample_categorical
+from samplers import Denoiser, DiffusionSampler, SampleOutput, reads_time, sample_categorical
 
 SCHEDULES = ("cap", "rescale", "conf")
 STRATEGIES = ("all", "switch", "loop")
@@ -144,7 +144,7 @@ class ReMDMSampler(DiffusionSampler):
         self.t_switch = None if t_switch is None else float(t_switch)
         self.t_on, self.t_off, self.alpha_on = float(t_on), float(t_off), float(alpha_on)
         self.time_conditioning = time_conditioning
-        self.plan()  # a sigma above sigma_max is an error now, before any network call
+        self._plan = self.plan()  # a sigma above sigma_max is an error now, before any network call
 
     def __repr__(self) -> str:
         strategy = self.strategy
@@ -206,11 +206,9 @@ class ReMDMSampler(DiffusionSampler):
         x = self._check_input(x)  # (B, L)
         free = x == self.mask_index  # (B, L) the positions to generate (given tokens are never remasked)
         confidence = torch.full(x.shape, -math.inf, dtype=self.dtype, device=x.device)  # -psi; -inf: none
-        time_conditioned = self.time_conditioning
-        if time_conditioned is None:
-            time_conditioned = bool(getattr(denoiser, "time_conditioned", False))
+        time_conditioned = reads_time(self.time_conditioning, denoiser)
         log_p, stale, nfe = None, True, 0
-        plan = self.plan()
+        plan = self._plan
         with self._progress(progress) as bar:
             for i in bar:
                 step = plan[i]

@@ -160,6 +160,20 @@ def nucleus(probs: Tensor, top_p: float, rule: str = "remdm") -> Tensor:
     return torch.zeros_like(probs).scatter_(-1, order, sorted_probs * keep)
 
 
+def ranks(scores: Tensor) -> Tensor:
+    """(..., L) the rank of each entry in its row by decreasing score: 0 = the highest (ties: leftmost)."""
+    return scores.argsort(dim=-1, descending=True, stable=True).argsort(-1)
+
+
+def reads_time(time_conditioning: bool | None, denoiser: Any) -> bool:
+    """Whether the denoiser's output depends on sigma, so a cached output cannot be reused: the sampler's
+    ``time_conditioning`` setting, or for None the denoiser's ``time_conditioned`` attribute (algorithms
+    set it), else False."""
+    if time_conditioning is None:
+        return bool(getattr(denoiser, "time_conditioned", False))
+    return bool(time_conditioning)
+
+
 class Sampler(abc.ABC):
     """The interface every sampler has.
 
@@ -376,12 +390,13 @@ class DiffusionSampler(Sampler):
         masked = x == self.mask_index  # (B, L)
         log_p = log_p[masked]  # (N, V), a copy
         x = x.clone()
-        if self.noise_removal == "sample":
-            x[masked] = self._draw(log_p, generator)
-            return x
-        log_p[:, self.mask_index] = -torch.inf
-        x[masked] = log_p.argmax(dim=-1)
+        x[masked] = self._draw(log_p, generator) if self.noise_removal == "sample" else self._greedy(log_p)
         return x
+
+    def _greedy(self, log_p: Tensor) -> Tensor:
+        """(N, V) log p_theta rows (a fresh tensor: it is modified) -> (N,) their most likely real tokens."""
+        log_p[:, self.mask_index] = -torch.inf
+        return log_p.argmax(dim=-1)
 
     def _progress(self, progress: bool) -> tqdm:
         """Iterator over the step indices, with a progress bar if asked for."""
@@ -461,9 +476,7 @@ class DDPMCacheSampler(DiffusionSampler):
         x = self._check_input(x)  # (B, L)
         times = self._time_grid(x.device)
         nfe = 0
-        time_conditioned = self.time_conditioning
-        if time_conditioned is None:
-            time_conditioned = bool(getattr(denoiser, "time_conditioned", False))
+        time_conditioned = reads_time(self.time_conditioning, denoiser)
         cache: Tensor | None = None  # (B, L, V) denoiser output, valid for x unless stale
         # A stale cache is overwritten rather than freed first: on CPU, freeing the large
         # output before the next call makes that call markedly slower (page faults).
