@@ -242,12 +242,24 @@ def choose_sampler(cfg: DictConfig, given: dict[str, str]) -> None:
     """After a checkpoint's algorithm was adopted: its default sampler, unless one was chosen.
 
     A sampler chosen on the command line is kept (and checked by :func:`check_combination`).
+    ``sampler.<option>=`` overrides carry over to the default sampler (an option it lacks is an error).
     """
     algorithm = get_class(cfg.algorithm._target_)
     if "sampler" in given or get_class(cfg.sampler._target_).accepts == algorithm.denoiser_kind:
         return
+    chosen, default = cfg.sampler, registry.load("sampler", algorithm.default_sampler)
+    # sampler.<option>= given on the command line applies to the sampler that replaces the composed one.
+    options = [key.removeprefix("sampler.") for key in given if key.startswith("sampler.")]
+    unknown = [option for option in options if option not in default]
+    if unknown:
+        raise ValueError(
+            f"sampler.{unknown[0]}={given['sampler.' + unknown[0]]} is not an option of sampler="
+            f"{algorithm.default_sampler}, the sampler of the checkpoint's algorithm={algorithm.name}; its options: "
+            f"{sorted(k for k in default if not k.startswith('_'))}.")
+    for option in options:
+        default[option] = chosen[option]
     with open_dict(cfg):
-        cfg.sampler = registry.load("sampler", algorithm.default_sampler)
+        cfg.sampler = default
 
 
 def adopt_for_eval(cfg: DictConfig) -> LoadedCheckpoint:

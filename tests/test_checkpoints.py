@@ -718,3 +718,17 @@ def test_an_adopted_algorithm_gets_its_default_sampler(tmp_path: Path, eval_cfg:
     cfg = eval_cfg(f"eval.checkpoint_path={path}", "model.length=8", "sampler=ddpm")
     with pytest.raises(ValueError, match=r"sampler=ddpm does not apply to algorithm=sedd.*valid choices: \['analytic"):
         main.load_for_eval(cfg, SYNTHETIC_VOCAB, SYNTHETIC_VOCAB - 1)
+
+
+def test_sampler_options_carry_over_to_the_adopted_default_sampler(tmp_path: Path, eval_cfg: Any) -> None:
+    """`sampler.temperature=0.5` with ar.ckpt: the AR sampler samples at 0.5 (it silently used 1.0: the options
+    were composed into ddpm_cache, which the checkpoint's default sampler replaced). An option the adopted
+    sampler lacks is an error, not ignored."""
+    path = tmp_path / "ar.ckpt"
+    write_original_checkpoint(path, "ar", vocab=SYNTHETIC_VOCAB)
+    cfg = eval_cfg(f"eval.checkpoint_path={path}", "model.length=8", "sampler.temperature=0.5", "sampler.top_p=0.9")
+    module = main.load_for_eval(cfg, SYNTHETIC_VOCAB, SYNTHETIC_VOCAB - 1)
+    assert module.sampler.name == "ar" and module.sampler.temperature == 0.5 and module.sampler.top_p == 0.9
+    cfg = eval_cfg(f"eval.checkpoint_path={path}", "model.length=8", "sampler.eps=0.01")
+    with pytest.raises(ValueError, match=r"sampler.eps=0.01 is not an option of sampler=ar.*'kv_cache'"):
+        main.load_for_eval(cfg, SYNTHETIC_VOCAB, SYNTHETIC_VOCAB - 1)
