@@ -200,3 +200,20 @@ def test_conf_remasks_the_least_confident_in_softmax_proportion() -> None:
     expected = weights * min(1.0, (1 - step.alpha_s) / step.alpha_t)
     torch.testing.assert_close(rates, expected, atol=4e-3, rtol=0)
     assert rates[1] > rates[0]  # the 0.1 token more
+
+
+def test_conf_records_minus_the_probability_of_each_drawn_token() -> None:
+    """psi, the confidence conf's softmax reads, is the probability the token had when it was drawn (stored
+    negated: the least likely get the largest weight); remasked positions forget it."""
+    sampler = ReMDMSampler(LogLinear(), MASK, 2, schedule="conf", strategy="all")
+    step = sampler.plan()[-1]  # the last step unmasks everything still masked
+    x = torch.full((500, L), MASK)
+    confidence = torch.full(x.shape, -math.inf, dtype=torch.float64)
+    log_p = LOG_TABLE[state_index(x)]
+    out = sampler._step_remdm(log_p, x, torch.ones_like(x, dtype=torch.bool), step, confidence,
+                              torch.Generator().manual_seed(0))
+    drawn = out != MASK
+    assert drawn.any()
+    expected = -log_p.double().exp().gather(-1, out.clamp(max=V - 1)[..., None])[..., 0]
+    torch.testing.assert_close(confidence[drawn], expected[drawn])
+    assert torch.isinf(confidence[~drawn]).all()

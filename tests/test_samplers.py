@@ -562,3 +562,38 @@ def test_bad_dtype_is_rejected(dtype: object) -> None:
         ARSampler(MASK, dtype=dtype)
     assert make("ddpm", steps=2, dtype="float32").dtype is torch.float32
     assert "dtype=torch.float32" in repr(make("ddpm", steps=2, dtype=torch.float32))
+
+
+def test_token_probs_apply_temperature_then_the_nucleus() -> None:
+    """p = (0.6, 0.3, 0.1) at temperature 0.5 is p^2 renormalised: (0.783, 0.196, 0.022). With top_p = 0.9,
+    ReMDM's rule keeps the first token only (0.783 <= 0.9 < 0.978), Hugging Face's the first two."""
+    log_p = torch.log(torch.tensor([[0.6, 0.3, 0.1, 0.0]]))
+    cold = make("ddpm", steps=2, temperature=0.5)._token_probs(log_p.clone())
+    expected = torch.tensor([0.36, 0.09, 0.01], dtype=torch.float64) / 0.46
+    torch.testing.assert_close(cold[0, :V] / cold[0, :V].sum(), expected)
+    assert cold[0, MASK] == 0
+    for rule, kept in (("remdm", 1), ("hf", 2)):
+        probs = make("ddpm", steps=2, temperature=0.5, top_p=0.9, top_p_rule=rule)._token_probs(log_p.clone())
+        assert torch.all(probs[0, :kept] > 0) and torch.all(probs[0, kept:] == 0), rule
+    alone = make("ddpm", steps=2, top_p=0.5)._token_probs(log_p.clone())  # 0.6 > 0.5: the top token is kept
+    assert alone[0, 0] > 0 and torch.all(alone[0, 1:] == 0)
+    with pytest.raises(ValueError, match=r"valid choices: \['remdm', 'hf'\]"):
+        make("ddpm", steps=2, top_p_rule="nope")
+
+
+def test_noise_removal_sample_draws_where_argmax_takes_the_top() -> None:
+    """noise_removal=sample fills the masks left after the last step with draws, argmax (= true) with the
+    most likely token; false / "none" leaves them."""
+    x = torch.full((2000, L), MASK)
+    outs = {}
+    for mode in ("argmax", "sample", "none"):
+        sampler = make("ddpm", steps=1, eps=0.9, noise_removal=mode)  # one step to t = 0.9: most stay masked
+        outs[mode] = sampler.sample(Oracle(), x, generator=torch.Generator().manual_seed(0)).tokens
+    assert (outs["none"] == MASK).any() and not (outs["argmax"] == MASK).any() and not (outs["sample"] == MASK).any()
+    left = outs["none"] == MASK  # the same draws up to the removal step
+    greedy = LOG_TABLE[state_index(outs["none"])][..., :V].argmax(-1)  # (B, L) the oracle's top token there
+    assert torch.equal(outs["argmax"][left], greedy[left])
+    assert (outs["sample"][left] != greedy[left]).double().mean() > 0.1
+    assert make("ddpm", steps=1, noise_removal=True).noise_removal == "argmax"
+    with pytest.raises(ValueError, match=r"noise_removal='nope'; valid choices: \['argmax', 'sample', 'none'\]"):
+        make("ddpm", steps=1, noise_removal="nope")
