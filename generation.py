@@ -5,6 +5,7 @@ training-time generative perplexity (:class:`callbacks.GenerativePerplexityCallb
 text, the sampler settings, NFE, seconds, the seed, the unigram entropy of its tokens and,
 when an eval LM is given, its generative perplexity (:class:`metrics.GenerativePerplexity`:
 loaded once, text after the first EOS left out unless ``eval.gen_ppl_truncate_at_eos=false``).
+With held-out texts (:func:`reference_texts`) the summary adds MAUVE of the samples against them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -23,7 +25,7 @@ from algorithms import Algorithm
 from conditioning import infill_template, prefix_template
 from dataloader import block_special_ids, decode
 from diffusion import Diffusion
-from metrics import GenerativePerplexity, truncate_at_eos, unigram_entropy
+from metrics import GenerativePerplexity, mauve_score, truncate_at_eos, unigram_entropy
 from samplers import Sampler, check_fits
 
 
@@ -110,18 +112,44 @@ def generate_samples(
     return records
 
 
+def reference_texts(data: Any, num_texts: int, truncate: bool) -> list[str]:
+    """``num_texts`` held-out texts of the data set, the reference MAUVE compares samples with.
+
+    Evenly spaced blocks of ``data.evaluation_dataset()`` (the validation split; text the model
+    did not train on), each decoded as a sample is for scoring (:func:`scored_text`), so both
+    sides have the same length and the same treatment of BOS / EOS.
+    """
+    dataset = data.evaluation_dataset()
+    if len(dataset) < num_texts:
+        raise ValueError(f"MAUVE compares {num_texts} samples with as many held-out texts, but the evaluation split "
+                         f"has {len(dataset)} blocks: sample fewer (sampling.num_sample_batches)")
+    indices = np.linspace(0, len(dataset) - 1, num_texts).round().astype(int).tolist()
+    return [scored_text(dataset[i]["input_ids"].tolist(), data.tokenizer, truncate) for i in indices]
+
+
+def scored_ids(token_ids: list[int], tokenizer: Any, truncate: bool) -> list[int]:
+    """The part of a sample that is scored: up to its first EOS after position 0 (with ``truncate``)."""
+    return truncate_at_eos(token_ids, block_special_ids(tokenizer)[1]) if truncate else list(token_ids)
+
+
+def scored_text(token_ids: list[int], tokenizer: Any, truncate: bool) -> str:
+    """:func:`scored_ids` decoded without special tokens: the text an eval LM reads."""
+    return tokenizer.decode(scored_ids(token_ids, tokenizer, truncate), skip_special_tokens=True)
+
+
 def score_samples(
-    records: list[dict[str, Any]], tokenizer: Any, scorer: GenerativePerplexity | None, truncate: bool
+    records: list[dict[str, Any]], tokenizer: Any, scorer: GenerativePerplexity | None, truncate: bool,
+    reference: list[str] | None = None, seed: int = 25,
 ) -> dict[str, float]:
     """Add ``entropy`` (and with a scorer ``gen_ppl``, ``gen_nll_sum``, ``gen_num_tokens``) to each record.
 
-    The scored part of a sample is its tokens up to the first EOS after position 0
-    (:func:`metrics.truncate_at_eos`) when ``truncate``, decoded without special tokens.
-    Returns the summary: token-weighted ``gen_ppl``, ``mean_entropy``, seconds per sample.
+    The scored part of a sample is :func:`scored_ids` (cut at the first EOS after position 0
+    when ``truncate``), decoded without special tokens. Returns the summary: token-weighted
+    ``gen_ppl``, ``mean_entropy``, seconds per sample, and with ``reference`` texts (which
+    need the scorer's LM) ``mauve`` of the samples against them (:func:`metrics.mauve_score`).
     """
-    eos = block_special_ids(tokenizer)[1]
-    scored_ids = [truncate_at_eos(r["tokens"], eos) if truncate else r["tokens"] for r in records]
-    for record, ids in zip(records, scored_ids, strict=True):
+    ids_list = [scored_ids(r["tokens"], tokenizer, truncate) for r in records]
+    for record, ids in zip(records, ids_list, strict=True):
         record["entropy"] = unigram_entropy(ids)
         record["scored_tokens"] = len(ids)
     entropies = [r["entropy"] for r in records if math.isfinite(r["entropy"])]
@@ -130,12 +158,18 @@ def score_samples(
         "mean_entropy": sum(entropies) / max(len(entropies), 1),
         "seconds_per_sample": sum(r["seconds"] for r in records) / max(len(records), 1),
     }
-    if scorer is not None:
-        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in scored_ids]
-        results = scorer.score(texts)
-        for record, result in zip(records, results, strict=True):
-            record.update(gen_ppl=result["ppl"], gen_nll_sum=result["nll_sum"], gen_num_tokens=result["num_tokens"])
-        summary.update(GenerativePerplexity.summary(results))
+    if scorer is None:
+        if reference is not None:
+            raise ValueError("MAUVE needs the eval LM's features: pass a scorer with the reference texts")
+        return summary
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in ids_list]
+    results = scorer.score(texts)
+    for record, result in zip(records, results, strict=True):
+        record.update(gen_ppl=result["ppl"], gen_nll_sum=result["nll_sum"], gen_num_tokens=result["num_tokens"])
+    summary.update(GenerativePerplexity.summary(results))
+    if reference is not None:
+        summary["mauve"] = mauve_score(scorer.features(texts), scorer.features(reference), seed=seed)
+        summary["mauve_num_reference"] = len(reference)
     return summary
 
 

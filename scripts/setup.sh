@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (once) and installs requirements.txt into it (again only when it changes).
+# Creates .venv (once) and installs requirements.txt and requirements-nodeps.txt (--no-deps) into it
+# (again only when they change).
 # Source it: `source scripts/setup.sh`. Needs Python >= 3.10 with pip. The caller's shell
 # options are restored at the end (an interactive shell is not left in `set -euo pipefail`).
 _MDLM_CALLER_FLAGS="$-"
@@ -16,11 +17,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   }
 fi
 STAMP="$VENV/.requirements.sha256"
-WANT="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
+WANT="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-nodeps.txt" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "[setup] installing requirements.txt into $VENV (first time: a few minutes)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements.txt"
+  "$VENV/bin/python" -m pip install -q --no-deps -r "$ROOT/requirements-nodeps.txt"
   echo "$WANT" > "$STAMP"
 fi
 # shellcheck disable=SC1091

@@ -77,3 +77,12 @@ def test_generative_perplexity_during_training(tmp_path: Path, eval_lm: Path) ->
     with open(metrics_file) as f:
         rows = [r for r in csv.DictReader(f) if r.get("val/gen_ppl")]
     assert rows and all(float(r["val/gen_ppl"]) > 1 and float(r["val/entropy"]) > 0 for r in rows)
+
+
+def test_mauve_with_the_offline_eval_lm(trained, tmp_path: Path) -> None:  # noqa: F811
+    """sample_eval eval.compute_mauve=true: MAUVE of the samples against as many held-out blocks."""
+    sample(trained, tmp_path, "eval.compute_mauve=true", "eval.gen_ppl_eval_model=smollm2-135m",
+           "sampling.num_sample_batches=3")
+    summary = json.loads((tmp_path / "sample_results.json").read_text())
+    assert summary["num_samples"] == summary["mauve_num_reference"] == 12
+    assert 0 < summary["mauve"] <= 1 and summary["gen_ppl"] > 1 and summary["eval_model"] == "smollm2-135m"
