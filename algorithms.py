@@ -338,6 +338,7 @@ class Algorithm(nn.Module):
             (:data:`samplers.X0_LOG_PROBS`, :data:`samplers.LOG_SCORE`, :data:`samplers.NEXT_TOKEN_LOGITS`).
         default_sampler: ``configs/sampler/<name>.yaml`` used when no sampler is chosen.
         exact_likelihood: the loss is the NLL itself (AR) rather than an upper bound on it.
+        semi_ar: ``sampling.semi_ar`` windows apply to its samples.
         model_options: constructor options that change what the network computes or is fed.
             Evaluation takes every option from the checkpoint; a command line that contradicts
             one of these is an error, while the others (e.g. an evaluation-time ``T``) may be changed.
@@ -350,6 +351,7 @@ class Algorithm(nn.Module):
     default_sampler: ClassVar[str]
     model_options: ClassVar[tuple[str, ...]] = ()
     exact_likelihood: ClassVar[bool] = False  # the loss is the NLL itself (AR), not an upper bound on it
+    semi_ar: ClassVar[bool] = True  # sampling.semi_ar windows apply (not to block diffusion, which extends by blocks)
 
     def __init__(self, mask_index: int) -> None:
         super().__init__()
@@ -393,6 +395,14 @@ class Algorithm(nn.Module):
     def denoiser(self, backbone: nn.Module) -> Any:
         """What this algorithm's samplers call (see ``denoiser_kind``)."""
         raise NotImplementedError
+
+    def sample(self, sampler: Any, backbone: nn.Module, x: Tensor, generator: torch.Generator | None = None,
+               progress: bool = False) -> Any:
+        """Fill the masked positions of ``x`` (B, L): the sampler over the whole sequence with :meth:`denoiser`.
+
+        Returns the sampler's :class:`samplers.SampleOutput`. Block diffusion overrides it (block by block).
+        """
+        return sampler.sample(self.denoiser(backbone), x, generator=generator, progress=progress)
 
     def sampler_inputs(self) -> dict[str, Any]:
         """The run-time arguments of a sampler's config (``instantiate(cfg.sampler)(**inputs)``)."""

@@ -291,9 +291,12 @@ class Diffusion(L.LightningModule):
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else contextlib.nullcontext()
         try:
             with self.ema_weights(), autocast:
-                denoiser = self.algorithm.denoiser(self.backbone)
                 if semi_ar is not None:
+                    if not self.algorithm.semi_ar:
+                        raise ValueError(f"sampling.semi_ar does not apply to algorithm={self.algorithm.name}: it "
+                                         "generates block by block, any length (set the template's length)")
+                    denoiser = self.algorithm.denoiser(self.backbone)
                     return semi_ar_sample(sampler, denoiser, x, *semi_ar, generator=generator, progress=progress)
-                return sampler.sample(denoiser, x, generator=generator, progress=progress)
+                return self.algorithm.sample(sampler, self.backbone, x, generator=generator, progress=progress)
         finally:
             self.train(was_training)

@@ -70,7 +70,8 @@ def padding_attn_mask(key_padding_mask: Tensor, causal: bool) -> Tensor:
     return (keep & past) | itself  # (B, 1, L, L)
 
 
-def sdpa_attention(qkv: Tensor, causal: bool, key_padding_mask: Tensor | None = None) -> Tensor:
+def sdpa_attention(qkv: Tensor, causal: bool, key_padding_mask: Tensor | None = None,
+                   attn_mask: Tensor | None = None) -> Tensor:
     """Multi-head softmax attention ``softmax(q k^T / sqrt(D)) v`` with PyTorch SDPA.
 
     Args:
@@ -78,17 +79,25 @@ def sdpa_attention(qkv: Tensor, causal: bool, key_padding_mask: Tensor | None = 
         causal: if True, position i attends only to positions <= i.
         key_padding_mask: optional (B, L) bool, True at real tokens; padding keys are then
             hidden from every query (see :func:`padding_attn_mask`). None: no mask is built.
+        attn_mask: optional (L, L) bool, True where query i may attend to key j (e.g. the block
+            diffusion mask); combined with the padding mask. Not with ``causal``.
 
     Returns:
         (B, L, H * D) attention output with the heads concatenated.
     """
     batch, length, _, n_heads, head_dim = qkv.shape
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, D)
-    if key_padding_mask is None:
+    if attn_mask is not None:
+        if causal:
+            raise ValueError('attn_mask replaces causal attention: pass one of them')
+        if key_padding_mask is not None:
+            attn_mask = attn_mask & padding_attn_mask(key_padding_mask, False)  # (B, 1, L, L)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, L, D)
+    elif key_padding_mask is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, L, D)
     else:
-        attn_mask = padding_attn_mask(key_padding_mask, causal)  # (B, 1, 1 or L, L)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, L, D)
+        mask = padding_attn_mask(key_padding_mask, causal)  # (B, 1, 1 or L, L)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, D)
     return out.transpose(1, 2).reshape(batch, length, n_heads * head_dim)
 
 
@@ -109,23 +118,27 @@ def flash_attention(qkv: Tensor, causal: bool) -> Tensor:
     return out.reshape(batch, length, n_heads * head_dim)
 
 
-def attention(qkv: Tensor, causal: bool, key_padding_mask: Tensor | None = None) -> Tensor:
-    """Dispatch to flash-attn when usable (installed, CUDA, fp16/bf16, no padding mask), else to SDPA.
+def attention(qkv: Tensor, causal: bool, key_padding_mask: Tensor | None = None,
+              attn_mask: Tensor | None = None) -> Tensor:
+    """Dispatch to flash-attn when usable (installed, CUDA, fp16/bf16, no mask), else to SDPA.
 
     ``flash_attn_qkvpacked_func`` takes no key-padding mask (that would need the varlen
-    kernel and unpadding), so a batch with padding always runs through SDPA.
+    kernel and unpadding) and no arbitrary mask, so a batch with padding or an ``attn_mask``
+    always runs through SDPA.
 
     Args:
         qkv: (B, L, 3, H, D) packed queries, keys and values.
         causal: if True, position i attends only to positions <= i.
         key_padding_mask: optional (B, L) bool, True at real tokens; None = no padding.
+        attn_mask: optional (L, L) bool, True = query i may attend to key j.
 
     Returns:
         (B, L, H * D) attention output.
     """
-    if key_padding_mask is None and FLASH_ATTN_AVAILABLE and qkv.is_cuda and qkv.dtype in _FLASH_DTYPES:
+    if (key_padding_mask is None and attn_mask is None and FLASH_ATTN_AVAILABLE and qkv.is_cuda
+            and qkv.dtype in _FLASH_DTYPES):
         return flash_attention(qkv, causal)
-    return sdpa_attention(qkv, causal, key_padding_mask)
+    return sdpa_attention(qkv, causal, key_padding_mask, attn_mask)
 
 
 def to_key_padding_mask(attention_mask: Tensor | None, indices: Tensor) -> Tensor | None:
@@ -168,9 +181,12 @@ class Rotary(nn.Module):
         self.register_buffer('inv_freq', 1.0 / (base**exponents))
 
     def forward(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Return ``(cos, sin)``, each (L, D/2) in float32."""
-        positions = torch.arange(seq_len, device=device, dtype=torch.float32)  # (L,)
-        freqs = torch.outer(positions, self.inv_freq.float())  # (L, D/2)
+        """Return ``(cos, sin)`` at positions 0..L-1, each (L, D/2) in float32."""
+        return self.at(torch.arange(seq_len, device=device))
+
+    def at(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """``(cos, sin)`` at the given positions (S,) (any integers, e.g. repeated), each (S, D/2) float32."""
+        freqs = torch.outer(positions.float(), self.inv_freq.float())  # (S, D/2)
         return freqs.cos(), freqs.sin()
 
 
@@ -319,11 +335,13 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.bias)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, c: Tensor, key_padding_mask: Tensor | None = None
+        self, x: Tensor, cos: Tensor, sin: Tensor, c: Tensor, key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
     ) -> Tensor:
         """x (B, L, D), cos/sin (L, D_head/2), c (B, cond_dim) -> (B, L, D).
 
-        ``key_padding_mask`` (B, L) bool, True at real tokens, or None (no padding).
+        ``key_padding_mask`` (B, L) bool, True at real tokens, or None (no padding);
+        ``attn_mask`` (L, L) bool, True = may attend, or None (full attention).
         """
         batch, length, dim = x.shape
         modulation = self.adaLN_modulation(c)[:, None]  # (B, 1, 6D)
@@ -332,7 +350,7 @@ class DiTBlock(nn.Module):
         h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, L, D)
         qkv = self.attn_qkv(h).view(batch, length, 3, self.n_heads, dim // self.n_heads)
         qkv = apply_rotary(qkv, cos, sin)  # (B, L, 3, H, D_head)
-        h = attention(qkv, False, key_padding_mask)  # (B, L, D)
+        h = attention(qkv, False, key_padding_mask, attn_mask)  # (B, L, D)
         x = gated_residual(x, gate_msa, self.dropout(self.attn_out(h)))  # (B, L, D)
 
         h = modulate(self.norm2(x), shift_mlp, scale_mlp)  # (B, L, D)
@@ -424,12 +442,17 @@ class DiT(nn.Module):
         )
         self.output_layer = FinalLayer(hidden_size, vocab_size, cond_dim)
 
-    def forward(self, indices: Tensor, sigma: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def forward(self, indices: Tensor, sigma: Tensor, attention_mask: Tensor | None = None,
+                attn_mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
         """indices (B, L) long, sigma (B,) float -> logits (B, L, vocab_size).
 
         ``attention_mask`` (B, L), 1 = real token and 0 = padding, hides padding keys from
         every query, so that padding never changes the logits at real tokens (the logits at
         padding positions are meaningless). None or all ones: no mask, the fast path.
+        ``attn_mask`` (L, L) bool, True where query i may attend to key j (block diffusion's
+        mask, :func:`block_diffusion.block_diffusion_mask`); None = full attention.
+        ``positions`` (L,) the rotary positions; None = 0..L-1 (block diffusion's x_t + x_0
+        input repeats 0..L/2-1).
         """
         if indices.ndim != 2:
             raise ValueError(f'indices must be (B, L), got shape {tuple(indices.shape)}')
@@ -439,7 +462,10 @@ class DiT(nn.Module):
         padding = to_key_padding_mask(attention_mask, indices)  # (B, L) bool or None
         x = self.vocab_embed(indices)  # (B, L, D)
         c = F.silu(self.sigma_map(sigma))  # (B, cond_dim)
-        cos, sin = self.rotary_emb(indices.shape[1], x.device)  # each (L, D_head/2)
+        if positions is None:
+            cos, sin = self.rotary_emb(indices.shape[1], x.device)  # each (L, D_head/2)
+        else:
+            cos, sin = self.rotary_emb.at(positions)  # each (L, D_head/2)
         for block in self.blocks:
-            x = block(x, cos, sin, c, padding)  # (B, L, D)
+            x = block(x, cos, sin, c, padding, attn_mask)  # (B, L, D)
         return self.output_layer(x, c)  # (B, L, V)

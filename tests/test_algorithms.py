@@ -20,6 +20,7 @@ from algorithms import (
     subs_log_probs,
     subs_nelbo,
 )
+from block_diffusion import BD3LM
 from config_aliases import ALGORITHM_OF_PARAMETERIZATION
 from noise_schedule import Cosine, LogLinear
 
@@ -138,14 +139,14 @@ def test_uniform_denoiser_bound_is_log_vocab() -> None:
 
 
 def test_unknown_algorithm_lists_choices() -> None:
-    with pytest.raises(ValueError, match=r"valid choices: \['ar', 'd3pm', 'mdlm', 'sedd'\]"):
+    with pytest.raises(ValueError, match=r"valid choices: \['ar', 'bd3lm', 'd3pm', 'mdlm', 'sedd'\]"):
         registry.load("algorithm", "nope")
 
 
 # ---- the registry and the options each algorithm accepts ---------------------------------
 
-CLASSES = {"mdlm": MDLM, "d3pm": D3PM, "sedd": SEDD, "ar": AR}
-BASE = {"mdlm": {}, "d3pm": {"T": 1000}, "sedd": {}, "ar": {}}  # a valid configuration of each
+CLASSES = {"mdlm": MDLM, "d3pm": D3PM, "sedd": SEDD, "ar": AR, "bd3lm": BD3LM}
+BASE = {"mdlm": {}, "d3pm": {"T": 1000}, "sedd": {}, "ar": {}, "bd3lm": {"block_size": 4}}  # a valid configuration
 # Each option alone on top of BASE: an argument of the class (True) or not (False: a TypeError in
 # Python; from the command line, main.check_options_read names it).
 SUPPORTED = {
@@ -157,6 +158,8 @@ SUPPORTED = {
              "time_conditioning": True},
     "ar": {"T": False, "subs_masking": False, "importance_sampling": False, "change_of_variables": False,
            "time_conditioning": False},
+    # bd3lm takes time_conditioning (the original's name) only to refuse true: see test_invalid_combinations
+    "bd3lm": {"T": False, "subs_masking": False, "importance_sampling": False, "change_of_variables": False},
 }
 ON = {"T": 100, "subs_masking": True, "importance_sampling": True, "change_of_variables": True,
       "time_conditioning": True}
@@ -173,7 +176,8 @@ def build(name: str, **kwargs: object) -> object:
 def test_every_algorithm_has_its_config_and_a_fitting_default_sampler(name: str) -> None:
     algo = build(name, **BASE[name])
     assert registry.target_class("algorithm", name) is CLASSES[name] and algo.name == name
-    assert ALGORITHM_OF_PARAMETERIZATION[algo.parameterization] == name
+    # parameterization= of the original names one algorithm; block diffusion reuses MDLM's (subs)
+    assert ALGORITHM_OF_PARAMETERIZATION[algo.parameterization] == ("mdlm" if name == "bd3lm" else name)
     assert algo.default_sampler in registry.samplers_accepting(algo.denoiser_kind)
     assert set(algo.model_options) <= set(inspect.signature(CLASSES[name]).parameters)
 
@@ -182,6 +186,8 @@ def test_every_algorithm_has_its_config_and_a_fitting_default_sampler(name: str)
 @pytest.mark.parametrize("name", CLASSES)
 def test_each_option_is_an_argument_or_not(name: str, option: str) -> None:
     kwargs = {**BASE[name], option: ON[option]}
+    if option not in SUPPORTED[name]:
+        pytest.skip(f"{name} refuses {option}={ON[option]} with a ValueError (test_invalid_combinations)")
     if option == "change_of_variables":
         kwargs["time_conditioning"] = True
     if SUPPORTED[name][option]:
@@ -201,6 +207,7 @@ def test_each_option_is_an_argument_or_not(name: str, option: str) -> None:
         ("mdlm", {"importance_sampling": True, "sampling_eps": 0.0}, "importance_sampling"),
         ("mdlm", {"change_of_variables": True}, "change_of_variables"),
         ("d3pm", {"T": 0}, "T"),
+        ("bd3lm", {"block_size": 4, "time_conditioning": True}, "time_conditioning"),
     ],
 )
 def test_invalid_combinations(name: str, kwargs: dict[str, object], option: str) -> None:

@@ -1,0 +1,216 @@
+"""Block diffusion (BD3-LM; Arriola et al., ICLR 2025): autoregressive over blocks, masked diffusion within them.
+
+A sequence of length L is cut into L / L' blocks of ``block_size`` L'. The likelihood factorizes
+over blocks, ``log p(x) = sum_b log p(x^b | x^{<b})``, and each factor is bounded by MDLM's
+NELBO of the block given the clean earlier blocks, at a noise level of its own:
+
+    NELBO = sum_b E_{t_b} [ w(t_b) sum_{i in b, x_t^i masked} -log p_theta(x_0^i | x_t^b, x_0^{<b}) ]
+
+with ``w(t) = -alpha'_t / (1 - alpha_t)`` (:attr:`noise_schedule.NoiseLevel.nelbo_weight`).
+L' = L is MDLM; L' = 1 with every token masked is an autoregressive model.
+
+**Vectorized training.** All blocks are scored in one forward pass of length 2L: the input is
+``x_t ⊕ x_0`` (both halves with rotary positions 0..L-1) under :func:`block_diffusion_mask`, so
+that the noisy block b sees itself and the clean blocks before it, and the clean copy is
+block-causal; the loss reads the first L outputs.
+
+**Sampling** runs block by block, left to right: any sampler of x0 log-probabilities
+(``ddpm_cache``, ``first_hitting``, ``remdm``, nucleus, ...) fills one block at a time with a
+denoiser that runs [clean prefix ; noisy block] under the block-causal mask, the view training
+gives each noisy block. ``sampling.steps`` is the step count per block.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from algorithms import (
+    Backbone,
+    Denoiser,
+    Draws,
+    LossOutput,
+    MaskedDiffusion,
+    q_xt,
+    sample_times,
+    subs_log_probs,
+    subs_nelbo,
+)
+from noise_schedule import NoiseSchedule
+from samplers import SampleOutput, Sampler
+
+
+@functools.lru_cache(maxsize=16)
+def block_diffusion_mask(length: int, block_size: int, device: torch.device | str = "cpu") -> Tensor:
+    """(2L, 2L) bool, True where query q may attend to key k, for the input ``x_t ⊕ x_0``.
+
+    With ``clean = idx >= L`` and ``block = (idx mod L) // L'``:
+
+    - block-diagonal: ``block_q == block_k and clean_q == clean_k`` (a noisy block sees itself, a
+      clean block itself);
+    - offset block-causal: ``block_q > block_k and clean_k and not clean_q`` (a noisy block sees the
+      clean blocks before it);
+    - block-causal: ``block_q >= block_k and clean_q and clean_k`` (clean blocks see the clean
+      blocks up to their own).
+
+    The clean queries never see a noisy key, so the clean half computes what a block-causal
+    model computes on x_0 alone (the keys and values a sampler caches). Cached per
+    (L, L', device); do not modify the result.
+    """
+    if length < 1 or block_size < 1 or length % block_size:
+        raise ValueError(f"block_size ({block_size}) must divide the length ({length}); both >= 1")
+    idx = torch.arange(2 * length, device=device)  # (2L,)
+    clean = idx >= length  # (2L,)
+    block = (idx % length) // block_size  # (2L,)
+    q_clean, k_clean = clean[:, None], clean[None, :]
+    q_block, k_block = block[:, None], block[None, :]
+    diagonal = (q_block == k_block) & (q_clean == k_clean)
+    offset_causal = (q_block > k_block) & k_clean & ~q_clean
+    causal = (q_block >= k_block) & q_clean & k_clean
+    return diagonal | offset_causal | causal  # (2L, 2L)
+
+
+def two_stream_logits(backbone: Backbone, xt: Tensor, x0: Tensor, block_size: int, sigma: Tensor,
+                      attention_mask: Tensor | None = None) -> Tensor:
+    """Logits (B, L, V) at the noisy positions from one pass over ``x_t ⊕ x_0`` (B, 2L).
+
+    ``attention_mask`` (B, L) (1 = real token) hides padding in both halves; None = no padding.
+    """
+    length = xt.shape[1]
+    positions = torch.arange(length, device=xt.device).repeat(2)  # (2L,): the clean copy has the same positions
+    mask = block_diffusion_mask(length, block_size, xt.device)  # (2L, 2L)
+    padding = None if attention_mask is None else attention_mask.repeat(1, 2)  # (B, 2L)
+    logits = backbone(torch.cat([xt, x0], dim=1), sigma, attention_mask=padding, attn_mask=mask,
+                      positions=positions)  # (B, 2L, V)
+    return logits[:, :length]
+
+
+class BD3LM(MaskedDiffusion):
+    """Block diffusion with the SUBS parameterization (absorbing state), continuous time.
+
+    Args:
+        noise: the noise schedule.
+        mask_index: id of the mask token.
+        block_size: L', which must divide the sequence length. L' = L is MDLM.
+        sampling_eps: evaluation times are drawn in ``[sampling_eps, 1]`` (the unclipped bound
+            that perplexities report).
+        clip_min, clip_max: training times are drawn in ``[clip_min, clip_max]`` (BD3-LM's
+            clipped schedule, beta and omega; the defaults are the unclipped interval).
+        antithetic_sampling: one time per stratum over all B * L / L' blocks of the batch.
+        time_conditioning: must be false: each block has its own noise level, and the network
+            takes one per sequence (BD3-LM trains without it; the network then sees 0).
+
+    Times: training draws ``u ~ U[0, 1)`` per block (antithetic over the batch's blocks) and sets
+    ``t = clip_min + (clip_max - clip_min) u``. With given draws (:class:`algorithms.Draws`, one
+    uniform ``u`` per sequence), block b gets ``frac(u + b L' / L)``: stratified over the
+    sequence's blocks and, for L' = L, exactly MDLM's time.
+    """
+
+    name = "bd3lm"
+    parameterization = "subs"
+    model_options = ("block_size", "time_conditioning")
+
+    def __init__(
+        self,
+        noise: NoiseSchedule,
+        mask_index: int,
+        block_size: int,
+        sampling_eps: float = 1e-3,
+        clip_min: float = 1e-3,
+        clip_max: float = 1.0,
+        antithetic_sampling: bool = True,
+        time_conditioning: bool = False,
+    ) -> None:
+        super().__init__(noise, mask_index, time_conditioning, antithetic_sampling, sampling_eps, T=0)
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
+        self.block_size = block_size
+        if not 0.0 <= clip_min < clip_max <= 1.0:
+            raise ValueError(f"need 0 <= clip_min < clip_max <= 1 (the clipped interval of training times), "
+                             f"got clip_min={clip_min}, clip_max={clip_max}")
+        self.clip_min, self.clip_max = float(clip_min), float(clip_max)
+        if self.time_conditioning:
+            self.reject("time_conditioning", "each block has its own noise level and the DiT takes one per "
+                        "sequence; BD3-LM trains without time conditioning: set time_conditioning=false.")
+
+    def check_length(self, length: int) -> int:
+        """The number of blocks of a length-L sequence; an error when L' does not divide L."""
+        if length % self.block_size:
+            raise ValueError(f"block_size={self.block_size} must divide the sequence length {length} "
+                             "(model.length): choose a divisor")
+        return length // self.block_size
+
+    def block_times(self, batch: int, num_blocks: int, device: torch.device | str,
+                    draws: Draws | None = None) -> Tensor:
+        """Times (B, L / L') of each block: clipped while training, ``[sampling_eps, 1]`` otherwise."""
+        low, high = (self.clip_min, self.clip_max) if self.training else (self.sampling_eps, 1.0)
+        if draws is not None:
+            offsets = torch.arange(num_blocks, device=device) / num_blocks  # (nb,)
+            u = torch.frac(draws.time.to(device)[:, None] + offsets)  # (B, nb)
+        else:
+            u = sample_times(batch * num_blocks, 0.0, self.antithetic_sampling, device).view(batch, num_blocks)
+        return low + (high - low) * u
+
+    def forward_process(self, x0: Tensor, draws: Draws | None = None) -> tuple[Tensor, Tensor]:
+        """Per-token times t (B, L), constant over each block, and xt (B, L) ~ q(xt | x0)."""
+        num_blocks = self.check_length(x0.shape[1])
+        t = self.block_times(x0.shape[0], num_blocks, x0.device, draws)  # (B, nb)
+        t = t.repeat_interleave(self.block_size, dim=1)  # (B, L)
+        xt = q_xt(x0, self.noise.move_chance(t), self.mask_index, u=None if draws is None else draws.mask)
+        return t, xt
+
+    def loss(
+        self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor, padded: bool | None = None,
+        draws: Draws | None = None,
+    ) -> LossOutput:
+        """Per-token NELBO (B, L): each block's MDLM NELBO given the clean blocks before it."""
+        if padded is None:
+            padded = not bool(attention_mask.all())
+        t, xt = self.forward_process(x0, draws)  # (B, L) each
+        sigma = torch.zeros(x0.shape[0], device=x0.device)  # no time conditioning: the network sees 0
+        logits = two_stream_logits(backbone, xt, x0, self.block_size, sigma, attention_mask if padded else None)
+        ones = torch.ones(x0.shape[0], device=x0.device)
+        nll = subs_nelbo(logits, x0, xt, self.mask_index, ones) * self.noise(t).nelbo_weight.float()  # (B, L)
+        return LossOutput(nll=nll * attention_mask, mask=attention_mask, tokens=x0)
+
+    def block_denoiser(self, backbone: nn.Module, prefix: Tensor) -> Denoiser:
+        """``(x_t block (B, L'), sigma) -> log p_theta(x0 | x_t block, prefix)`` (B, L', V), SUBS.
+
+        The network sees [prefix ; block] (the prefix clean, a whole number of blocks) under the
+        block-causal mask, and sigma = 0 (no time conditioning).
+        """
+        def denoise(xt: Tensor, sigma: Tensor) -> Tensor:
+            x = torch.cat([prefix, xt], dim=1)  # (B, P + L')
+            block = torch.arange(x.shape[1], device=x.device) // self.block_size
+            mask = block[:, None] >= block[None, :]  # (S, S): a block sees the blocks up to its own
+            logits = backbone(x, torch.zeros_like(sigma), attn_mask=mask)[:, prefix.shape[1]:]  # (B, L', V)
+            return subs_log_probs(logits, xt, self.mask_index)
+
+        denoise.time_conditioned = False  # type: ignore[attr-defined]
+        return denoise
+
+    semi_ar = False  # longer samples are more blocks
+
+    def sample(self, sampler: Sampler, backbone: nn.Module, x: Tensor, generator: torch.Generator | None = None,
+               progress: bool = False) -> SampleOutput:
+        """Fill the masked positions of ``x`` (B, L) block by block, left to right (L' must divide L).
+
+        Each block is sampled by ``sampler`` given the tokens before it; blocks without a mask
+        (a prefix) cost nothing. NFE is the sum over blocks.
+        """
+        num_blocks = self.check_length(x.shape[1])
+        x, nfe = x.clone(), 0
+        for b in range(num_blocks):
+            block = slice(b * self.block_size, (b + 1) * self.block_size)
+            if not bool((x[:, block] == self.mask_index).any()):
+                continue
+            out = sampler.sample(self.block_denoiser(backbone, x[:, : block.start]), x[:, block].clone(),
+                                 generator=generator, progress=False)
+            x[:, block], nfe = out.tokens, nfe + out.nfe
+        return SampleOutput(tokens=x, nfe=nfe)
+
+    def sampler_inputs(self) -> dict[str, Any]:
+        return {"noise": self.noise, "mask_index": self.mask_index}

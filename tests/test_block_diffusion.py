@@ -1,0 +1,195 @@
+"""Block diffusion (BD3-LM): the attention mask, the vectorized loss against slow references, its limits.
+
+- the mask equals a brute-force reading of its definition for several (L, L');
+- the vectorized loss (one pass over x_t ⊕ x_0) equals a slow loop that runs each block after
+  its clean prefix, to 1e-5;
+- L' = L is MDLM's loss exactly (same draws);
+- L' = 1 with every token masked is the autoregressive likelihood computed token by token.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from algorithms import MDLM, Draws, subs_nelbo
+from block_diffusion import BD3LM, block_diffusion_mask, two_stream_logits
+from models.dit import DiT
+from noise_schedule import LogLinear
+
+VOCAB, MASK = 13, 12
+
+
+def random_dit(seed: int = 0) -> DiT:
+    """A small DiT with every weight random (the zero-initialised adaLN and output layer included)."""
+    torch.manual_seed(seed)
+    model = DiT(VOCAB, hidden_size=32, cond_dim=16, n_blocks=2, n_heads=4, dropout=0.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+def brute_force_mask(length: int, block_size: int) -> torch.Tensor:
+    """The definition read literally: positions 0..L-1 are x_t, L..2L-1 are x_0."""
+    allowed = torch.zeros(2 * length, 2 * length, dtype=torch.bool)
+    for q in range(2 * length):
+        for k in range(2 * length):
+            q_noisy, k_noisy = q < length, k < length
+            q_block, k_block = (q % length) // block_size, (k % length) // block_size
+            if q_noisy:  # a noisy block sees itself and the clean blocks before it
+                allowed[q, k] = (k_noisy and k_block == q_block) or (not k_noisy and k_block < q_block)
+            else:  # a clean block sees the clean blocks up to its own, never a noisy token
+                allowed[q, k] = not k_noisy and k_block <= q_block
+    return allowed
+
+
+@pytest.mark.parametrize(("length", "block_size"), [(1, 1), (4, 1), (4, 2), (6, 3), (8, 8), (12, 4)])
+def test_mask_matches_its_definition(length: int, block_size: int) -> None:
+    assert torch.equal(block_diffusion_mask(length, block_size), brute_force_mask(length, block_size))
+
+
+def test_mask_rejects_a_block_size_that_does_not_divide() -> None:
+    with pytest.raises(ValueError, match="must divide"):
+        block_diffusion_mask(10, 4)
+    with pytest.raises(ValueError, match="block_size=4 must divide the sequence length 10"):
+        BD3LM(LogLinear(), MASK, block_size=4).check_length(10)
+
+
+def block_causal_logits(model: DiT, clean_prefix: torch.Tensor, noisy_block: torch.Tensor,
+                        block_size: int) -> torch.Tensor:
+    """Slow reference: run [clean prefix ; noisy block] with block-causal attention, return the block's logits."""
+    x = torch.cat([clean_prefix, noisy_block], dim=1)  # (B, P + L')
+    block = torch.arange(x.shape[1]) // block_size
+    mask = block[:, None] >= block[None, :]  # (S, S): a block sees the blocks up to its own
+    sigma = torch.zeros(x.shape[0])
+    return model(x, sigma, attn_mask=mask)[:, -noisy_block.shape[1]:]
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 4, 8])
+def test_vectorized_loss_equals_a_loop_over_blocks(block_size: int) -> None:
+    model, length = random_dit(), 8
+    algorithm = BD3LM(LogLinear(), MASK, block_size=block_size)
+    x0 = torch.randint(0, MASK, (3, length))
+    draws = Draws(time=torch.rand(3), mask=torch.rand(3, length))
+    out = algorithm.loss(model, x0, torch.ones(3, length), draws=draws)
+
+    t, xt = algorithm.forward_process(x0, draws)
+    per_block = algorithm.block_times(3, length // block_size, "cpu", draws)  # (B, nb): one time per block
+    torch.testing.assert_close(t, per_block.repeat_interleave(block_size, dim=1), atol=0, rtol=0)
+    weight = algorithm.noise(t).nelbo_weight  # (B, L)
+    expected = torch.zeros(3, length, dtype=torch.float64)
+    for start in range(0, length, block_size):
+        block = slice(start, start + block_size)
+        logits = block_causal_logits(model, x0[:, :start], xt[:, block], block_size)
+        ones = torch.ones(3)
+        expected[:, block] = subs_nelbo(logits, x0[:, block], xt[:, block], MASK, ones).double() * weight[:, block]
+    assert (xt == MASK).any() and (xt != MASK).any()
+    torch.testing.assert_close(out.nll.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_block_size_L_is_mdlm() -> None:
+    model, length = random_dit(1), 8
+    x0 = torch.randint(0, MASK, (4, length))
+    draws = Draws(time=torch.rand(4), mask=torch.rand(4, length))
+    ones = torch.ones(4, length)
+    bd3lm = BD3LM(LogLinear(), MASK, block_size=length).eval()
+    mdlm = MDLM(LogLinear(), MASK).eval()
+    torch.testing.assert_close(bd3lm.loss(model, x0, ones, draws=draws).nll,
+                               mdlm.loss(model, x0, ones, draws=draws).nll, atol=1e-5, rtol=1e-5)
+
+
+def test_block_size_1_fully_masked_is_the_autoregressive_likelihood() -> None:
+    """Every x_t token masked, L' = 1: token i is predicted from x_0[:i] alone, as an AR model."""
+    model, length = random_dit(2), 6
+    x0 = torch.randint(0, MASK, (2, length))
+    xt = torch.full_like(x0, MASK)
+    sigma = torch.zeros(2)
+    log_p = two_stream_logits(model, xt, x0, 1, sigma).double().log_softmax(-1)  # mask logit is never the target
+    vectorized = -log_p.gather(-1, x0[..., None]).squeeze(-1)  # (B, L)
+    for i in range(length):  # one token at a time: the prefix x0[:i], then a mask
+        x = torch.cat([x0[:, :i], torch.full((2, 1), MASK)], dim=1)
+        causal = torch.ones(i + 1, i + 1, dtype=torch.bool).tril()
+        logits = model(x, sigma, attn_mask=causal)[:, -1].double()
+        torch.testing.assert_close(vectorized[:, i], -logits.log_softmax(-1).gather(-1, x0[:, i:i + 1]).squeeze(-1))
+
+
+def test_training_times_are_clipped_evaluation_times_are_not() -> None:
+    algorithm = BD3LM(LogLinear(), MASK, block_size=4, clip_min=0.3, clip_max=0.8)
+    t = algorithm.block_times(64, 4, "cpu")
+    assert t.shape == (64, 4) and t.min() >= 0.3 and t.max() <= 0.8
+    algorithm.eval()
+    t = algorithm.block_times(64, 4, "cpu")
+    assert t.min() < 0.1 and t.max() > 0.9  # [sampling_eps, 1]: the unclipped bound
+
+
+def test_antithetic_block_times_fill_every_stratum() -> None:
+    t = BD3LM(LogLinear(), MASK, block_size=2, clip_min=0.0).block_times(4, 8, "cpu")  # 32 blocks
+    strata = (t.flatten() * 32).floor().long().sort().values
+    assert torch.equal(strata, torch.arange(32))
+
+
+def test_padding_is_hidden_from_real_tokens() -> None:
+    model, length = random_dit(3), 8
+    algorithm = BD3LM(LogLinear(), MASK, block_size=2)
+    x0 = torch.randint(0, MASK, (1, length))
+    draws = Draws(time=torch.rand(1), mask=torch.rand(1, length))
+    padded = x0.clone()
+    padded[:, 6:] = 5  # different "padding" tokens after position 6
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0]])
+    a = algorithm.loss(model, x0, mask, draws=draws).nll
+    b = algorithm.loss(model, padded, mask, draws=draws).nll
+    torch.testing.assert_close(a, b)
+    assert (a[:, 6:] == 0).all()
+
+
+def test_time_conditioning_is_refused() -> None:
+    with pytest.raises(ValueError, match="time_conditioning=false"):
+        BD3LM(LogLinear(), MASK, block_size=2, time_conditioning=True)
+
+
+# --------------------------------------------------------------------------- sampling, exact in law
+class ToyBlockBackbone(torch.nn.Module):
+    """The exact conditionals of test_samplers.py's toy joint (L = 3), as a backbone for block sampling.
+
+    It gets [clean prefix ; block] (B, S <= 3) and returns log p(x0 | these tokens) at those
+    positions: the later positions are unknown (masked) to it, as the block-causal mask makes them.
+    """
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        from test_samplers import LOG_TABLE, L, state_index
+        assert attn_mask is not None and attn_mask.shape == (x.shape[1], x.shape[1])
+        full = torch.cat([x, torch.full((x.shape[0], L - x.shape[1]), TOY_MASK)], dim=1)  # (B, L)
+        return LOG_TABLE[state_index(full)][:, : x.shape[1]]
+
+
+TOY_MASK = 3
+
+
+@pytest.mark.parametrize("block_size", [1, 3])
+def test_block_by_block_sampling_follows_the_exact_joint(block_size: int) -> None:
+    """First-hitting inside each block (exact in law) gives the toy's exact joint, given a prefix or not."""
+    from conftest import build_sampler
+    from test_first_hitting import conditional_law, shifted
+    from test_samplers import assert_matches
+
+    algorithm = BD3LM(LogLinear(), TOY_MASK, block_size=block_size).eval()
+    sampler = build_sampler("first_hitting", noise=LogLinear(), mask_index=TOY_MASK)
+    for start in [(TOY_MASK,) * 3, (1, TOY_MASK, TOY_MASK)]:
+        x = torch.tensor(start).expand(40_000, 3).clone()
+        out = algorithm.sample(sampler, ToyBlockBackbone(), x, generator=torch.Generator().manual_seed(0))
+        law = conditional_law(start)
+        assert_matches(out.tokens, law)
+        with pytest.raises(AssertionError, match="p-value"):
+            assert_matches(out.tokens, shifted(law))
+        assert out.nfe == sum(t == TOY_MASK for t in start)  # a given block costs nothing
+
+
+def test_ddpm_cache_runs_its_steps_in_every_block() -> None:
+    from conftest import build_sampler
+
+    algorithm = BD3LM(LogLinear(), TOY_MASK, block_size=1).eval()
+    sampler = build_sampler("ddpm_cache", noise=LogLinear(), mask_index=TOY_MASK, steps=4)
+    out = algorithm.sample(sampler, ToyBlockBackbone(), torch.full((8, 3), TOY_MASK),
+                           generator=torch.Generator().manual_seed(0))
+    assert (out.tokens != TOY_MASK).all() and 3 <= out.nfe <= 3 * 4  # per block: 1..4 calls (one per unmasking time)
