@@ -102,6 +102,9 @@ class BD3LM(MaskedDiffusion):
         antithetic_sampling: one time per stratum over all B * L / L' blocks of the batch.
         time_conditioning: must be false: each block has its own noise level, and the network
             takes one per sequence (BD3-LM trains without it; the network then sees 0).
+        kv_cache: sampling keeps the clean prefix's keys and values (``sampling.kv_cache``).
+        context_length: the most tokens the network sees when sampling (the trained
+            ``model.length``); longer samples slide a window of that size. None: no limit.
 
     Times: training draws ``u ~ U[0, 1)`` per block (antithetic over the batch's blocks) and sets
     ``t = clip_min + (clip_max - clip_min) u``. With given draws (:class:`algorithms.Draws`, one
@@ -111,6 +114,7 @@ class BD3LM(MaskedDiffusion):
 
     name = "bd3lm"
     parameterization = "subs"
+    needs_block_attention = True  # the backbone takes attn_mask, positions and a KV cache (main.check_combination)
     model_options = ("block_size", "time_conditioning")
 
     def __init__(
@@ -123,8 +127,15 @@ class BD3LM(MaskedDiffusion):
         clip_max: float = 1.0,
         antithetic_sampling: bool = True,
         time_conditioning: bool = False,
+        kv_cache: bool = True,
+        context_length: int | None = None,
     ) -> None:
         super().__init__(noise, mask_index, time_conditioning, antithetic_sampling, sampling_eps, T=0)
+        self.kv_cache = bool(kv_cache)
+        if context_length is not None and (context_length < block_size or context_length % block_size):
+            raise ValueError(f"context_length ({context_length}, the trained model.length) must be a multiple of "
+                             f"block_size ({block_size})")
+        self.context_length = context_length
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
         self.block_size = block_size
@@ -192,25 +203,52 @@ class BD3LM(MaskedDiffusion):
         denoise.time_conditioned = False  # type: ignore[attr-defined]
         return denoise
 
+    def cached_denoiser(self, backbone: nn.Module, cache: Any) -> Denoiser:
+        """:meth:`block_denoiser` reading the prefix's keys and values from ``cache`` (``models.dit.KVCache``)."""
+        def denoise(xt: Tensor, sigma: Tensor) -> Tensor:
+            return subs_log_probs(backbone(xt, torch.zeros_like(sigma), cache=cache), xt, self.mask_index)
+
+        denoise.time_conditioned = False  # type: ignore[attr-defined]
+        return denoise
+
     semi_ar = False  # longer samples are more blocks
 
     def sample(self, sampler: Sampler, backbone: nn.Module, x: Tensor, generator: torch.Generator | None = None,
                progress: bool = False) -> SampleOutput:
         """Fill the masked positions of ``x`` (B, L) block by block, left to right (L' must divide L).
 
-        Each block is sampled by ``sampler`` given the tokens before it; blocks without a mask
-        (a prefix) cost nothing. NFE is the sum over blocks.
+        Each block is sampled by ``sampler`` given the tokens before it, at most ``context_length -
+        L'`` of them (a sliding window: samples may be longer than the trained length). With
+        ``kv_cache`` the prefix's keys and values are kept: each finished block runs through the
+        network once more to add its own (one extra call per block, counted in the NFE), and the
+        sampler's calls see only the block. Blocks without a mask cost no sampler call.
         """
         num_blocks = self.check_length(x.shape[1])
-        x, nfe = x.clone(), 0
+        window = None if self.context_length is None else self.context_length - self.block_size
+        cache = self.new_cache(backbone, window) if self.kv_cache else None
+        x, nfe, zeros = x.clone(), 0, torch.zeros(x.shape[0], device=x.device)
         for b in range(num_blocks):
             block = slice(b * self.block_size, (b + 1) * self.block_size)
-            if not bool((x[:, block] == self.mask_index).any()):
-                continue
-            out = sampler.sample(self.block_denoiser(backbone, x[:, : block.start]), x[:, block].clone(),
-                                 generator=generator, progress=False)
-            x[:, block], nfe = out.tokens, nfe + out.nfe
+            if bool((x[:, block] == self.mask_index).any()):
+                if cache is not None:
+                    denoiser = self.cached_denoiser(backbone, cache)
+                else:
+                    denoiser = self.block_denoiser(backbone, x[:, max(0, block.start - (window or block.start)):
+                                                              block.start])
+                out = sampler.sample(denoiser, x[:, block].clone(), generator=generator, progress=False)
+                x[:, block], nfe = out.tokens, nfe + out.nfe
+            if cache is not None and b < num_blocks - 1:  # the finished block joins the cached prefix
+                cache.store = True
+                backbone(x[:, block], zeros, cache=cache)
+                cache.store, nfe = False, nfe + 1
         return SampleOutput(tokens=x, nfe=nfe)
+
+    @staticmethod
+    def new_cache(backbone: nn.Module, window: int | None) -> Any:
+        if not hasattr(backbone, "new_cache"):
+            raise ValueError(f"sampling.kv_cache=true needs a backbone with a KV cache (backbone=dit); "
+                             f"{type(backbone).__name__} has none: set sampling.kv_cache=false")
+        return backbone.new_cache(window)
 
     def sampler_inputs(self) -> dict[str, Any]:
         return {"noise": self.noise, "mask_index": self.mask_index}

@@ -11,7 +11,7 @@ original override                             here
 ============================================  ==========================================
 ``parameterization=subs|d3pm|sedd|ar``        ``algorithm=mdlm|d3pm|sedd|ar``
 ``sampling.predictor=NAME``                   ``sampler=NAME``
-``sampling.temperature|top_p|kv_cache=V``     ``sampler.temperature|top_p|kv_cache=V`` (our earlier names)
+``sampling.temperature|top_p=V``             ``sampler.temperature|top_p=V`` (our earlier names)
 ``sampling.nucleus_p=V``                      ``sampler.top_p=V`` (ReMDM's name)
 ``eval.gen_ppl_eval_model_name_or_path=M``    ``eval.gen_ppl_eval_model=M``
 ``eval.perplexity_batch_size=N``              ``eval.gen_ppl_batch_size=N``
@@ -36,7 +36,6 @@ RENAMED = {
     "sampling.temperature": "sampler.temperature",
     "sampling.top_p": "sampler.top_p",
     "sampling.nucleus_p": "sampler.top_p",  # ReMDM's name
-    "sampling.kv_cache": "sampler.kv_cache",
     "eval.gen_ppl_eval_model_name_or_path": "eval.gen_ppl_eval_model",
     "eval.perplexity_batch_size": "eval.gen_ppl_batch_size",
 }

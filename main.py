@@ -61,7 +61,9 @@ def check_options_read(cfg: DictConfig, given: dict[str, str]) -> None:
     own = registry.option_knobs("algorithm", registry.option_of_class("algorithm", algorithm))
     read = own | registry.option_knobs("sampler", registry.option_of_class("sampler", sampler))
     sampler_knobs = registry.option_knobs("sampler")
-    unread = sorted(k for k in (registry.option_knobs("algorithm") | sampler_knobs) if k in given and k not in read)
+    # model.* (e.g. bd3lm's context_length: ${model.length}) is the model's setting, read by every run
+    knobs = {k for k in registry.option_knobs("algorithm") | sampler_knobs if not k.startswith("model.")}
+    unread = sorted(k for k in knobs if k in given and k not in read)
     defaults = OmegaConf.load(registry.CONFIGS / "config.yaml") if unread else None
     for knob in unread:
         if given[knob].lower() == str(OmegaConf.select(defaults, knob)).lower():
@@ -83,6 +85,9 @@ def check_combination(cfg: DictConfig) -> None:
         needs = ("a causal backbone: backbone=ar (e.g. model=small-ar)" if algorithm.causal else
                  "a bidirectional backbone: backbone=dit, or backbone=dimamba with model=tiny-dimamba")
         raise ValueError(f"algorithm={algorithm.name} with backbone {backbone.__name__}: it needs {needs}.")
+    if getattr(algorithm, "needs_block_attention", False) and not getattr(backbone, "block_attention", False):
+        raise ValueError(f"algorithm={algorithm.name} needs a backbone that takes an attention mask and a KV cache: "
+                         f"backbone=dit (got {backbone.__name__}).")
     check_fits(get_class(cfg.sampler._target_), algorithm,
                lambda: registry.samplers_accepting(algorithm.denoiser_kind))
 

@@ -163,6 +163,53 @@ def to_key_padding_mask(attention_mask: Tensor | None, indices: Tensor) -> Tenso
     return None if not real.is_cuda and bool(real.all()) else real
 
 
+class LayerCache:
+    """One block's keys and values of a clean prefix, after rotary: (B, H, P, D) each.
+
+    :meth:`attend` runs the queries of new tokens against the cached keys and their own, with
+    full attention (the new tokens see the whole prefix and each other), and with ``store``
+    appends their keys and values, keeping the last ``window`` (None: all).
+    """
+
+    def __init__(self, window: int | None = None) -> None:
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
+        self.window = window
+
+    def attend(self, qkv: Tensor, store: bool) -> Tensor:
+        """qkv (B, S, 3, H, D) of the new tokens, rotary applied -> (B, S, H * D)."""
+        batch, length, _, n_heads, head_dim = qkv.shape
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, S, D)
+        if self.keys is not None:
+            k, v = torch.cat([self.keys, k], dim=2), torch.cat([self.values, v], dim=2)  # (B, H, P + S, D)
+        if store:
+            keep = k.shape[2] if self.window is None else self.window
+            self.keys, self.values = k[:, :, -keep:], v[:, :, -keep:]
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, S, D)
+        return out.transpose(1, 2).reshape(batch, length, n_heads * head_dim)
+
+
+class KVCache:
+    """The keys and values of a clean prefix in every block, for block-by-block sampling.
+
+    A forward pass with the cache runs only the new tokens (positions continue after the
+    prefix); with ``store = True`` their keys and values join the prefix. ``window`` caps the
+    cached tokens (the oldest are dropped): rotary attention depends on relative positions
+    only, so positions may grow past the trained length.
+    """
+
+    def __init__(self, n_layers: int, window: int | None = None) -> None:
+        self.layers = [LayerCache(window) for _ in range(n_layers)]
+        self.position = 0  # the position of the next token
+        self.store = False
+
+    @property
+    def length(self) -> int:
+        """Number of cached tokens."""
+        keys = self.layers[0].keys
+        return 0 if keys is None else keys.shape[2]
+
+
 # --------------------------------------------------------------------------- rotary
 
 
@@ -336,12 +383,13 @@ class DiTBlock(nn.Module):
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, c: Tensor, key_padding_mask: Tensor | None = None,
-        attn_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None, cache: LayerCache | None = None, store: bool = False,
     ) -> Tensor:
         """x (B, L, D), cos/sin (L, D_head/2), c (B, cond_dim) -> (B, L, D).
 
         ``key_padding_mask`` (B, L) bool, True at real tokens, or None (no padding);
-        ``attn_mask`` (L, L) bool, True = may attend, or None (full attention).
+        ``attn_mask`` (L, L) bool, True = may attend, or None (full attention); ``cache``: the
+        prefix's keys and values, attended to as well (``store``: add these tokens' to it).
         """
         batch, length, dim = x.shape
         modulation = self.adaLN_modulation(c)[:, None]  # (B, 1, 6D)
@@ -350,7 +398,10 @@ class DiTBlock(nn.Module):
         h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, L, D)
         qkv = self.attn_qkv(h).view(batch, length, 3, self.n_heads, dim // self.n_heads)
         qkv = apply_rotary(qkv, cos, sin)  # (B, L, 3, H, D_head)
-        h = attention(qkv, False, key_padding_mask, attn_mask)  # (B, L, D)
+        if cache is not None:
+            h = cache.attend(qkv, store)  # (B, L, D)
+        else:
+            h = attention(qkv, False, key_padding_mask, attn_mask)  # (B, L, D)
         x = gated_residual(x, gate_msa, self.dropout(self.attn_out(h)))  # (B, L, D)
 
         h = modulate(self.norm2(x), shift_mlp, scale_mlp)  # (B, L, D)
@@ -414,6 +465,7 @@ class DiT(nn.Module):
     """
 
     causal: ClassVar[bool] = False  # bidirectional: for the diffusion algorithms (algorithms.Algorithm.causal)
+    block_attention: ClassVar[bool] = True  # takes attn_mask / positions / a KV cache (block diffusion)
 
     def __init__(
         self,
@@ -443,7 +495,8 @@ class DiT(nn.Module):
         self.output_layer = FinalLayer(hidden_size, vocab_size, cond_dim)
 
     def forward(self, indices: Tensor, sigma: Tensor, attention_mask: Tensor | None = None,
-                attn_mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+                attn_mask: Tensor | None = None, positions: Tensor | None = None,
+                cache: KVCache | None = None) -> Tensor:
         """indices (B, L) long, sigma (B,) float -> logits (B, L, vocab_size).
 
         ``attention_mask`` (B, L), 1 = real token and 0 = padding, hides padding keys from
@@ -452,7 +505,8 @@ class DiT(nn.Module):
         ``attn_mask`` (L, L) bool, True where query i may attend to key j (block diffusion's
         mask, :func:`block_diffusion.block_diffusion_mask`); None = full attention.
         ``positions`` (L,) the rotary positions; None = 0..L-1 (block diffusion's x_t + x_0
-        input repeats 0..L/2-1).
+        input repeats 0..L/2-1). ``cache`` (:class:`KVCache`): ``indices`` follow its prefix and
+        attend to it and to each other (no mask, no padding); with ``cache.store`` they join it.
         """
         if indices.ndim != 2:
             raise ValueError(f'indices must be (B, L), got shape {tuple(indices.shape)}')
@@ -462,10 +516,21 @@ class DiT(nn.Module):
         padding = to_key_padding_mask(attention_mask, indices)  # (B, L) bool or None
         x = self.vocab_embed(indices)  # (B, L, D)
         c = F.silu(self.sigma_map(sigma))  # (B, cond_dim)
+        if cache is not None:
+            if padding is not None or attn_mask is not None or positions is not None:
+                raise ValueError('a forward pass with a KV cache takes no attention_mask, attn_mask or positions')
+            positions = cache.position + torch.arange(indices.shape[1], device=x.device)
         if positions is None:
             cos, sin = self.rotary_emb(indices.shape[1], x.device)  # each (L, D_head/2)
         else:
             cos, sin = self.rotary_emb.at(positions)  # each (L, D_head/2)
-        for block in self.blocks:
-            x = block(x, cos, sin, c, padding, attn_mask)  # (B, L, D)
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else cache.layers[i]
+            x = block(x, cos, sin, c, padding, attn_mask, layer_cache, cache is not None and cache.store)  # (B, L, D)
+        if cache is not None and cache.store:
+            cache.position += indices.shape[1]
         return self.output_layer(x, c)  # (B, L, V)
+
+    def new_cache(self, window: int | None = None) -> KVCache:
+        """An empty :class:`KVCache` for this model (``window``: the most tokens it keeps)."""
+        return KVCache(len(self.blocks), window)

@@ -173,7 +173,7 @@ def test_block_by_block_sampling_follows_the_exact_joint(block_size: int) -> Non
     from test_first_hitting import conditional_law, shifted
     from test_samplers import assert_matches
 
-    algorithm = BD3LM(LogLinear(), TOY_MASK, block_size=block_size).eval()
+    algorithm = BD3LM(LogLinear(), TOY_MASK, block_size=block_size, kv_cache=False).eval()
     sampler = build_sampler("first_hitting", noise=LogLinear(), mask_index=TOY_MASK)
     for start in [(TOY_MASK,) * 3, (1, TOY_MASK, TOY_MASK)]:
         x = torch.tensor(start).expand(40_000, 3).clone()
@@ -188,8 +188,90 @@ def test_block_by_block_sampling_follows_the_exact_joint(block_size: int) -> Non
 def test_ddpm_cache_runs_its_steps_in_every_block() -> None:
     from conftest import build_sampler
 
-    algorithm = BD3LM(LogLinear(), TOY_MASK, block_size=1).eval()
+    algorithm = BD3LM(LogLinear(), TOY_MASK, block_size=1, kv_cache=False).eval()
     sampler = build_sampler("ddpm_cache", noise=LogLinear(), mask_index=TOY_MASK, steps=4)
     out = algorithm.sample(sampler, ToyBlockBackbone(), torch.full((8, 3), TOY_MASK),
                            generator=torch.Generator().manual_seed(0))
     assert (out.tokens != TOY_MASK).all() and 3 <= out.nfe <= 3 * 4  # per block: 1..4 calls (one per unmasking time)
+
+
+# --------------------------------------------------------------------------- the KV cache
+def test_cached_and_uncached_logits_agree() -> None:
+    model, block_size = random_dit(4), 4
+    algorithm = BD3LM(LogLinear(), MASK, block_size=block_size)
+    x = torch.randint(0, MASK, (2, 3 * block_size))
+    xt = x[:, 2 * block_size:].clone()
+    xt[:, [0, 2]] = MASK
+    sigma = torch.zeros(2)
+    uncached = algorithm.block_denoiser(model, x[:, : 2 * block_size])(xt, sigma)
+    cache = model.new_cache()
+    cache.store = True
+    for b in range(2):  # the prefix joins the cache one block at a time, as the sampler does it
+        model(x[:, b * block_size:(b + 1) * block_size], sigma, cache=cache)
+    cache.store = False
+    assert cache.length == cache.position == 2 * block_size
+    cached = algorithm.cached_denoiser(model, cache)(xt, sigma)
+    finite = uncached > -1e5
+    assert torch.equal(finite, cached > -1e5)
+    torch.testing.assert_close(cached[finite], uncached[finite], atol=1e-5, rtol=1e-5)
+    assert cache.length == 2 * block_size  # reading does not store
+
+
+@pytest.mark.parametrize("sampler_name", ["first_hitting", "ddpm_cache"])
+def test_sampling_with_and_without_the_cache_gives_the_same_tokens(sampler_name: str) -> None:
+    from conftest import build_sampler
+
+    model, length, block_size = random_dit(5), 12, 4
+    steps = {"steps": 16} if sampler_name == "ddpm_cache" else {}
+    sampler = build_sampler(sampler_name, noise=LogLinear(), mask_index=MASK, **steps)
+    x = torch.full((3, length), MASK)
+    x[:, :2] = torch.tensor([1, 2])  # a prefix inside the first block
+    outs = {}
+    for kv_cache in (True, False):
+        algorithm = BD3LM(LogLinear(), MASK, block_size=block_size, kv_cache=kv_cache).eval()
+        outs[kv_cache] = algorithm.sample(sampler, model, x, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(outs[True].tokens, outs[False].tokens)
+    assert (outs[True].tokens[:, :2] == torch.tensor([1, 2])).all() and (outs[True].tokens != MASK).all()
+    assert outs[True].nfe == outs[False].nfe + length // block_size - 1  # one cache fill per finished block
+
+
+def test_samples_longer_than_the_context_slide_a_window() -> None:
+    from conftest import build_sampler
+
+    model, block_size = random_dit(6), 4
+    sampler = build_sampler("first_hitting", noise=LogLinear(), mask_index=MASK)
+    x = torch.full((2, 5 * block_size), MASK)  # 20 tokens, context 8: the network never sees more than 8
+    for kv_cache in (True, False):
+        algorithm = BD3LM(LogLinear(), MASK, block_size=block_size, kv_cache=kv_cache, context_length=8).eval()
+        out = algorithm.sample(sampler, model, x, generator=torch.Generator().manual_seed(0))
+        assert (out.tokens != MASK).all() and out.tokens.shape == (2, 20)
+    seen = []
+    model.register_forward_hook(lambda module, args, kwargs_out: seen.append(args[0].shape[1]))
+    algorithm = BD3LM(LogLinear(), MASK, block_size=block_size, kv_cache=False, context_length=8).eval()
+    algorithm.sample(sampler, model, x, generator=torch.Generator().manual_seed(0))
+    assert max(seen) == 8
+
+
+# --------------------------------------------------------------------------- from the command line
+def test_train_evaluate_and_sample_from_the_command_line(tmp_path) -> None:
+    import json
+
+    from test_main_e2e import run_main
+
+    run_main(tmp_path, "algorithm=bd3lm", "block_size=4", "trainer.max_steps=4", "wandb.mode=disabled")
+    checkpoint = f"eval.checkpoint_path={tmp_path}/checkpoints/last.ckpt"
+    run_main(tmp_path / "ppl", "mode=ppl_eval", checkpoint, "wandb.mode=disabled")
+    results = json.loads((tmp_path / "ppl" / "eval_results.json").read_text())
+    assert results["nll"] > 0 and "true_nll" in results
+    tokens = {}
+    for kv_cache in ("true", "false"):
+        run_dir = tmp_path / f"sample_{kv_cache}"
+        run_main(run_dir, "mode=sample_eval", checkpoint, "sampler=first_hitting", f"sampling.kv_cache={kv_cache}",
+                 "sampling.num_sample_batches=1", "loader.eval_global_batch_size=4", "wandb.mode=disabled")
+        records = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+        assert len(records) == 4 and all(len(r["tokens"]) == 16 for r in records)
+        tokens[kv_cache] = [r["tokens"] for r in records]
+        assert records[0]["nfe"] == 16 + (3 if kv_cache == "true" else 0)  # + one cache fill per finished block
+    assert tokens["true"] == tokens["false"]
+    with pytest.raises(AssertionError, match="trained with block_size=4 but the command line says block_size=8"):
+        run_main(tmp_path / "bad", "mode=ppl_eval", checkpoint, "block_size=8", "wandb.mode=disabled")

@@ -631,6 +631,14 @@ OPTION_CASES = [
     ("sedd", "time_conditioning", ["time_conditioning=true"], True),
     ("sedd", "sampling_eps", ["training.sampling_eps=0.01"], 0.01),
     ("sedd", "antithetic_sampling", ["training.antithetic_sampling=false"], False),
+    ("bd3lm", "block_size", ["block_size=4"], 4),
+    ("bd3lm", "sampling_eps", ["block_size=4", "training.sampling_eps=0.01"], 0.01),
+    ("bd3lm", "clip_min", ["block_size=4", "training.sampling_eps_min=0.3"], 0.3),
+    ("bd3lm", "clip_max", ["block_size=4", "training.sampling_eps_max=0.8"], 0.8),
+    ("bd3lm", "antithetic_sampling", ["block_size=4", "training.antithetic_sampling=false"], False),
+    ("bd3lm", "time_conditioning", ["block_size=4"], False),  # true is refused
+    ("bd3lm", "kv_cache", ["block_size=4", "sampling.kv_cache=false"], False),
+    ("bd3lm", "context_length", ["block_size=4"], 16),  # the trained model.length
 ]
 
 
