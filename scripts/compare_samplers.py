@@ -87,19 +87,21 @@ class Setting:
     steps: str = "all"  # all | fixed (no T: first-hitting, threshold) | up_to_L | from_L
     by_steps: dict[str, list[str]] = field(default_factory=dict)  # "below_L" | "from_L": extra overrides
     exact: bool = False
+    every_step: bool = False  # one network call per step (NFE = T): --max-nfe skips the larger T
 
 
 SETTINGS = [
-    Setting("ddpm", ["sampler=ddpm"], exact=True),
+    Setting("ddpm", ["sampler=ddpm"], exact=True, every_step=True),
     Setting("ddpm_cache", ["sampler=ddpm_cache"], exact=True),
     Setting("ddpm_cache p=0.9", ["sampler=ddpm_cache", "sampler.top_p=0.9"]),
     Setting("first_hitting", ["sampler=first_hitting"], steps="fixed", exact=True),
     Setting("remdm cap", ["sampler=remdm"], by_steps={"below_L": ["sampler.eta=0.04", "sampler.strategy=all"]},
-            exact=True),
+            exact=True, every_step=True),
     Setting("remdm cap p=0.9", ["sampler=remdm", "sampler.top_p=0.9"],
-            by_steps={"below_L": ["sampler.eta=0.04", "sampler.strategy=all"]}),
-    Setting("remdm rescale", ["sampler=remdm", "sampler.schedule=rescale"], steps="from_L", exact=True),
-    Setting("remdm conf", ["sampler=remdm", "sampler.schedule=conf"], steps="from_L"),
+            by_steps={"below_L": ["sampler.eta=0.04", "sampler.strategy=all"]}, every_step=True),
+    Setting("remdm rescale", ["sampler=remdm", "sampler.schedule=rescale"], steps="from_L", exact=True,
+            every_step=True),
+    Setting("remdm conf", ["sampler=remdm", "sampler.schedule=conf"], steps="from_L", every_step=True),
     Setting("confidence", ["sampler=confidence"], steps="up_to_L"),
     Setting("threshold 0.9", ["sampler=confidence", "sampler.threshold=0.9"], steps="fixed"),
 ]
@@ -115,8 +117,10 @@ def compose_config(overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def step_counts(setting: Setting, length: int, factors: list[float]) -> list[int | None]:
+def step_counts(setting: Setting, length: int, factors: list[float], max_nfe: int | None = None) -> list[int | None]:
     counts = [max(1, round(f * length)) for f in factors]
+    if setting.every_step and max_nfe is not None:
+        counts = [t for t in counts if t <= max_nfe]
     if setting.steps == "fixed":
         return [None]
     if setting.steps == "up_to_L":
@@ -153,6 +157,7 @@ class Comparison:
     def __init__(self, model: Model, scorer: GenerativePerplexity, num_samples: int, batch_size: int,
                  seed: int) -> None:
         self.model, self.scorer, self.seed = model, scorer, seed
+        batch_size = min(batch_size, num_samples)
         self.num_batches, self.batch_size = math.ceil(num_samples / batch_size), batch_size
         self.base = [*model.overrides, "mode=sample_eval", f"eval.checkpoint_path={model.checkpoint}", f"seed={seed}"]
         cfg = compose_config(self.base)
@@ -253,7 +258,10 @@ def write_report(results: dict[str, dict[str, Any]], args: argparse.Namespace, c
     for result in results.values():
         parts += ["", f"## {result['label']}", "",
                   f"Model overrides: `{result['base']}`; {result['num_samples']} samples of {result['length']} "
-                  "tokens per row.", "", table(result["rows"], result["base"])]
+                  "tokens per row." + (f" Samplers that call the network at every step (ddpm, remdm) ran up to "
+                                       f"T = {result['max_nfe']} here (`--max-nfe`): their cost grows with T."
+                                       if result.get("max_nfe") else ""),
+                  "", table(result["rows"], result["base"])]
     out.with_suffix(".md").write_text("\n".join(parts) + "\n")
     plot(results, out.with_suffix(".png"))
     print(f"Wrote {out.with_suffix('.md')}, {out.with_suffix('.json')} and {out.with_suffix('.png')}")
@@ -301,12 +309,18 @@ def main() -> None:
     parser.add_argument("--samplers", nargs="+", choices=[s.name for s in SETTINGS], default=None,
                         metavar="NAME", help=f"default: all of {[s.name for s in SETTINGS]}")
     parser.add_argument("--factors", nargs="+", type=float, default=[0.25, 1, 4, 16], help="T as multiples of L")
-    parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--max-nfe", nargs="*", default=[], metavar="MODEL=N",
+                        help="skip the T > N rows of samplers that call the network every step, e.g. ptb=256")
+    parser.add_argument("--num-samples", nargs="+", default=["64"], metavar="N|MODEL=N",
+                        help="samples per row: a default and per-model values, e.g. 64 ptb=16")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--eval-model", default="smollm2-135m")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "results" / "samplers"), help="path stem of the .md/.json/.png")
     args = parser.parse_args()
+    args.max_nfe = {k: int(v) for k, v in (item.split("=", 1) for item in args.max_nfe)}
+    num_samples = {k: int(v) for k, v in (item.split("=", 1) for item in args.num_samples if "=" in item)}
+    default_samples = next((int(item) for item in args.num_samples if "=" not in item), 64)
     start = time.perf_counter()
     print(utils.configure_cpu_threads(processes=1))
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
@@ -321,10 +335,10 @@ def main() -> None:
             raise SystemExit(f"{model.checkpoint} not found: train it with\n  {model.train_command}\n"
                              f"or pass --checkpoint {name}=/path/to/last.ckpt")
         torch.manual_seed(args.seed)
-        comparison = Comparison(model, scorer, args.num_samples, args.batch_size, args.seed)
+        comparison = Comparison(model, scorer, num_samples.get(name, default_samples), args.batch_size, args.seed)
         rows = [comparison.data_row()]
         for setting in settings:
-            for steps in step_counts(setting, comparison.length, args.factors):
+            for steps in step_counts(setting, comparison.length, args.factors, args.max_nfe.get(name)):
                 rows.append(comparison.row(setting, steps))
                 r = rows[-1]
                 print(f"[{name}] {r['sampler']:>18} T={fmt(steps, '{}'):>5}: NFE {r['nfe']:.0f}, "
@@ -334,7 +348,8 @@ def main() -> None:
                       flush=True)
         base = "python main.py " + " ".join(shlex.quote(o) for o in comparison.base)
         results[name] = {"label": model.label, "short": name, "base": base, "length": comparison.length,
-                         "num_samples": comparison.num_batches * args.batch_size, "rows": rows}
+                         "num_samples": comparison.num_batches * comparison.batch_size, "rows": rows,
+                         "max_nfe": args.max_nfe.get(name)}
     command = "python scripts/compare_samplers.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     write_report(results, args, command.strip(), (time.perf_counter() - start) / 60)
 
