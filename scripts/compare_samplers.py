@@ -107,6 +107,11 @@ SETTINGS = [
 ]
 
 
+def shown(text: str) -> str:
+    """A command as the report shows it: paths relative to the repository (../shared for the shared data)."""
+    return text.replace(f"{ROOT.parent}/shared/", "../shared/").replace(f"{ROOT}/", "")
+
+
 def compose_config(overrides: list[str]) -> DictConfig:
     """The config ``python main.py <overrides>`` runs with, HydraConfig set as in a run."""
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
@@ -206,7 +211,7 @@ class Comparison:
         entry.adopt_for_eval(cfg)  # the checks and sampler choice of sample_eval (weights are already loaded)
         self.module.sampler = make_sampler(cfg.sampler, self.module.algorithm, bool(cfg.sampling.float64))
         records = entry.generate_from_config(cfg, self.module, self.data, self.num_batches, self.batch_size)
-        command = "python main.py " + " ".join(shlex.quote(o) for o in [*self.base, *overrides])
+        command = shown("python main.py " + " ".join(shlex.quote(o) for o in [*self.base, *overrides]))
         return {"sampler": setting.name, "steps": steps, "exact": setting.exact, "command": command,
                 "example": records[0]["text"][:160], **self.scored(records)}
 
@@ -269,6 +274,7 @@ def write_report(results: dict[str, dict[str, Any]], args: argparse.Namespace, c
 
 def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -292,6 +298,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
                     ax.plot(*zip(*points, strict=True), marker="o", label=name)
             ax.axhline(data[key], color="black", linestyle="--", linewidth=1, label="held-out data")
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel("NFE per batch")
             ax.set_title(f"{title}\n{result['short']}", fontsize=9)
             if key == "gen_ppl":
@@ -346,11 +353,11 @@ def main() -> None:
                       f"entropy {r['entropy']:.3f}, MAUVE {r['mauve']:.3f}"
                       + (f", possible {r['possible']:.0%}, true NLL {r['true_nll']:.3f}" if "possible" in r else ""),
                       flush=True)
-        base = "python main.py " + " ".join(shlex.quote(o) for o in comparison.base)
+        base = shown("python main.py " + " ".join(shlex.quote(o) for o in comparison.base))
         results[name] = {"label": model.label, "short": name, "base": base, "length": comparison.length,
                          "num_samples": comparison.num_batches * comparison.batch_size, "rows": rows,
                          "max_nfe": args.max_nfe.get(name)}
-    command = "python scripts/compare_samplers.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = shown("python scripts/compare_samplers.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     write_report(results, args, command.strip(), (time.perf_counter() - start) / 60)
 
 
