@@ -332,15 +332,16 @@ def main() -> None:
     print(utils.configure_cpu_threads(processes=1))
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
     settings = [s for s in SETTINGS if args.samplers is None or s.name in args.samplers]
-    scorer = GenerativePerplexity(args.eval_model, batch_size=16)
-    results: dict[str, dict[str, Any]] = {}
-    for name in args.models:
-        model = MODELS[name]
+    models = {name: MODELS[name] for name in args.models}
+    for name, model in models.items():  # every checkpoint is checked before the eval LM loads
         if name in checkpoints:
-            model = Model(model.label, Path(checkpoints[name]), model.overrides, model.train_command)
+            models[name] = model = Model(model.label, Path(checkpoints[name]), model.overrides, model.train_command)
         if not model.checkpoint.is_file():
             raise SystemExit(f"{model.checkpoint} not found: train it with\n  {model.train_command}\n"
                              f"or pass --checkpoint {name}=/path/to/last.ckpt")
+    scorer = GenerativePerplexity(args.eval_model, batch_size=16)
+    results: dict[str, dict[str, Any]] = {}
+    for name, model in models.items():
         torch.manual_seed(args.seed)
         comparison = Comparison(model, scorer, num_samples.get(name, default_samples), args.batch_size, args.seed)
         rows = [comparison.data_row()]

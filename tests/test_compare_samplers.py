@@ -9,17 +9,18 @@ from pathlib import Path
 
 from conftest import ROOT
 from test_main_e2e import trained  # noqa: F401 - the shared trained-model fixture
+from test_sample_eval import eval_lm  # noqa: F401 - a tiny random GPT-2 over the corpus's words (fast)
 
 SCRIPT = ROOT / "scripts" / "compare_samplers.py"
 
 
-def test_compare_samplers_writes_the_report(trained, tmp_path: Path) -> None:  # noqa: F811
+def test_compare_samplers_writes_the_report(trained, tmp_path: Path, eval_lm: Path) -> None:  # noqa: F811
     checkpoint = trained[0] / "checkpoints" / "last.ckpt"
     out = tmp_path / "samplers"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--models", "builtin", "--checkpoint", f"builtin={checkpoint}",
          "--num-samples", "4", "--batch-size", "4", "--factors", "0.5", "1", "--samplers", "ddpm", "first_hitting",
-         "confidence", "--out", str(out)],
+         "confidence", "--eval-model", str(eval_lm), "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.with_suffix(".json").read_text())["builtin"]

@@ -79,10 +79,11 @@ def test_generative_perplexity_during_training(tmp_path: Path, eval_lm: Path) ->
     assert rows and all(float(r["val/gen_ppl"]) > 1 and float(r["val/entropy"]) > 0 for r in rows)
 
 
-def test_mauve_with_the_offline_eval_lm(trained, tmp_path: Path) -> None:  # noqa: F811
-    """sample_eval eval.compute_mauve=true: MAUVE of the samples against as many held-out blocks."""
-    sample(trained, tmp_path, "eval.compute_mauve=true", "eval.gen_ppl_eval_model=smollm2-135m",
+def test_mauve_against_held_out_blocks(trained, tmp_path: Path, eval_lm: Path) -> None:  # noqa: F811
+    """sample_eval eval.compute_mauve=true: MAUVE of the samples against as many held-out blocks
+    (the eval LM's features; SmolLM2's are tested in test_eval_lm.py)."""
+    sample(trained, tmp_path, "eval.compute_mauve=true", f"eval.gen_ppl_eval_model={eval_lm}",
            "sampling.num_sample_batches=3")
     summary = json.loads((tmp_path / "sample_results.json").read_text())
     assert summary["num_samples"] == summary["mauve_num_reference"] == 12
-    assert 0 < summary["mauve"] <= 1 and summary["gen_ppl"] > 1 and summary["eval_model"] == "smollm2-135m"
+    assert 0 < summary["mauve"] <= 1 and summary["gen_ppl"] > 1 and summary["eval_model"] == str(eval_lm)
