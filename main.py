@@ -267,7 +267,7 @@ def choose_sampler(cfg: DictConfig, given: dict[str, str]) -> None:
         cfg.sampler = default
 
 
-def adopt_for_eval(cfg: DictConfig) -> LoadedCheckpoint:
+def adopt_for_eval(cfg: DictConfig, loaded: LoadedCheckpoint | None = None) -> LoadedCheckpoint:
     """Read ``eval.checkpoint_path`` and set ``cfg``'s model, backbone, noise and algorithm to its.
 
     Accepts our checkpoints, the original MDLM code's (mdlm.ckpt, ar.ckpt, sedd.ckpt) and the
@@ -278,7 +278,8 @@ def adopt_for_eval(cfg: DictConfig) -> LoadedCheckpoint:
     """
     if not cfg.eval.checkpoint_path:
         raise ValueError(f"mode={cfg.mode} needs eval.checkpoint_path=/path/to/checkpoints/last.ckpt.")
-    loaded = load_checkpoint(cfg.eval.checkpoint_path, trust_remote_code=bool(cfg.eval.get("trust_remote_code")))
+    if loaded is None:  # a caller that evaluates one checkpoint under several configs passes it in
+        loaded = load_checkpoint(cfg.eval.checkpoint_path, trust_remote_code=bool(cfg.eval.get("trust_remote_code")))
     given = command_line_overrides()
     backbone = HydraConfig.get().runtime.choices.get("backbone") if "backbone" in given else None
     for note in adopt_checkpoint(cfg, loaded, given, backbone, allow_longer=bool(cfg.eval.allow_longer)):

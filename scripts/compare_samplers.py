@@ -208,7 +208,7 @@ class Comparison:
         overrides = row_overrides(setting, steps, self.length)
         cfg = compose_config([*self.base, *overrides])
         entry.validate_config(cfg)
-        entry.adopt_for_eval(cfg)  # the checks and sampler choice of sample_eval (weights are already loaded)
+        entry.adopt_for_eval(cfg, self.loaded)  # sample_eval's checks and sampler choice; the file is read once
         self.module.sampler = make_sampler(cfg.sampler, self.module.algorithm, bool(cfg.sampling.float64))
         records = entry.generate_from_config(cfg, self.module, self.data, self.num_batches, self.batch_size)
         command = shown("python main.py " + " ".join(shlex.quote(o) for o in [*self.base, *overrides]))
