@@ -75,10 +75,12 @@ def equal_lists(a, b) -> bool:
 def worker(rank: int, port: int, folder: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        check_round_trips(rank, Path(folder))
-    finally:
-        dist.destroy_process_group()
+    check_round_trips(rank, Path(folder))  # a failure raises, and mp.spawn reports it
+    dist.barrier()
+    # Passed. Leave without running C++ destructors: gloo's teardown at interpreter exit
+    # occasionally aborts ("terminate called without an active exception") on a loaded machine,
+    # after every check has passed.
+    os._exit(0)
 
 
 def check_round_trips(rank: int, folder: Path) -> None:
