@@ -339,6 +339,7 @@ class Algorithm(nn.Module):
         default_sampler: ``configs/sampler/<name>.yaml`` used when no sampler is chosen.
         exact_likelihood: the loss is the NLL itself (AR) rather than an upper bound on it.
         semi_ar: ``sampling.semi_ar`` windows apply to its samples.
+        var_length: :meth:`sample` takes ``stop_token`` and can end samples early (``sampling.var_length``).
         model_options: constructor options that change what the network computes or is fed.
             Evaluation takes every option from the checkpoint; a command line that contradicts
             one of these is an error, while the others (e.g. an evaluation-time ``T``) may be changed.
@@ -352,6 +353,7 @@ class Algorithm(nn.Module):
     model_options: ClassVar[tuple[str, ...]] = ()
     exact_likelihood: ClassVar[bool] = False  # the loss is the NLL itself (AR), not an upper bound on it
     semi_ar: ClassVar[bool] = True  # sampling.semi_ar windows apply (not to block diffusion, which extends by blocks)
+    var_length: ClassVar[bool] = False  # sample() takes stop_token (sampling.var_length; block diffusion)
 
     def __init__(self, mask_index: int) -> None:
         super().__init__()

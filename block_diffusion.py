@@ -88,6 +88,13 @@ def two_stream_logits(backbone: Backbone, xt: Tensor, x0: Tensor, block_size: in
     return logits[:, :length]
 
 
+def sequence_ends(x: Tensor, stop_token: int, default: Tensor) -> Tensor:
+    """(B,) one past the first ``stop_token`` of each row of ``x`` (B, S) after position 0; ``default`` (B,) where
+    there is none."""
+    hits = x[:, 1:] == stop_token  # (B, S - 1)
+    return torch.where(hits.any(dim=1), hits.int().argmax(dim=1) + 2, default)
+
+
 class BD3LM(MaskedDiffusion):
     """Block diffusion with the SUBS parameterization (absorbing state), continuous time.
 
@@ -212,9 +219,10 @@ class BD3LM(MaskedDiffusion):
         return denoise
 
     semi_ar = False  # longer samples are more blocks
+    var_length = True  # sample() can stop at a token (sampling.var_length)
 
     def sample(self, sampler: Sampler, backbone: nn.Module, x: Tensor, generator: torch.Generator | None = None,
-               progress: bool = False) -> SampleOutput:
+               progress: bool = False, stop_token: int | None = None) -> SampleOutput:
         """Fill the masked positions of ``x`` (B, L) block by block, left to right (L' must divide L).
 
         Each block is sampled by ``sampler`` given the tokens before it, at most ``context_length -
@@ -222,11 +230,18 @@ class BD3LM(MaskedDiffusion):
         ``kv_cache`` the prefix's keys and values are kept: each finished block runs through the
         network once more to add its own (one extra call per block, counted in the NFE), and the
         sampler's calls see only the block. Blocks without a mask cost no sampler call.
+
+        ``stop_token`` (variable length, e.g. EOS): a sequence ends at its first ``stop_token``
+        after position 0 (position 0 may hold a BOS that shares the id, as GPT-2's does), and
+        generation stops after the block in which every sequence has ended. The output then has
+        as many blocks as were generated, and ``lengths`` (B,) says where each sequence ends
+        (its stop token included; a sequence that never stops runs to the last block).
         """
         num_blocks = self.check_length(x.shape[1])
         window = None if self.context_length is None else self.context_length - self.block_size
         cache = self.new_cache(backbone, window) if self.kv_cache else None
         x, nfe, zeros = x.clone(), 0, torch.zeros(x.shape[0], device=x.device)
+        ends = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)  # (B,) length of each sequence
         for b in range(num_blocks):
             block = slice(b * self.block_size, (b + 1) * self.block_size)
             if bool((x[:, block] == self.mask_index).any()):
@@ -237,11 +252,15 @@ class BD3LM(MaskedDiffusion):
                                                               block.start])
                 out = sampler.sample(denoiser, x[:, block].clone(), generator=generator, progress=False)
                 x[:, block], nfe = out.tokens, nfe + out.nfe
+            if stop_token is not None:
+                ends = sequence_ends(x[:, :block.stop], stop_token, ends)
+                if bool((ends <= block.stop).all()):  # every sequence has ended
+                    return SampleOutput(tokens=x[:, :block.stop], nfe=nfe, lengths=ends)
             if cache is not None and b < num_blocks - 1:  # the finished block joins the cached prefix
                 cache.store = True
                 backbone(x[:, block], zeros, cache=cache)
                 cache.store, nfe = False, nfe + 1
-        return SampleOutput(tokens=x, nfe=nfe)
+        return SampleOutput(tokens=x, nfe=nfe, lengths=None if stop_token is None else ends)
 
     @staticmethod
     def new_cache(backbone: nn.Module, window: int | None) -> Any:

@@ -278,14 +278,20 @@ class Diffusion(L.LightningModule):
         generator: torch.Generator | None = None,
         progress: bool = False,
         semi_ar: tuple[int, int] | None = None,
+        stop_token: int | None = None,
     ) -> SampleOutput:
         """Fill the masked positions of ``x`` (B, L) with the EMA weights in eval mode.
 
         The sampler gets the algorithm's denoiser (for AR, the causal backbone with its KV
         cache). ``semi_ar = (stride_length, num_strides)``:
         semi-autoregressive continuation (:func:`samplers.semi_ar_sample`), output
-        ``(B, L + num_strides * stride_length)``.
+        ``(B, L + num_strides * stride_length)``. ``stop_token``: variable length, for algorithms
+        that generate left to right by blocks (``algorithm.var_length``); see their ``sample``.
         """
+        if stop_token is not None and not self.algorithm.var_length:
+            raise ValueError(f"sampling.var_length applies to block diffusion (algorithm=bd3lm), which generates "
+                             f"left to right; algorithm={self.algorithm.name} fills a fixed length: set "
+                             "sampling.var_length=false")
         was_training = self.training
         self.eval()
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else contextlib.nullcontext()
@@ -297,6 +303,8 @@ class Diffusion(L.LightningModule):
                                          "generates block by block, any length (set the template's length)")
                     denoiser = self.algorithm.denoiser(self.backbone)
                     return semi_ar_sample(sampler, denoiser, x, *semi_ar, generator=generator, progress=progress)
-                return self.algorithm.sample(sampler, self.backbone, x, generator=generator, progress=progress)
+                extra = {} if stop_token is None else {"stop_token": stop_token}
+                return self.algorithm.sample(sampler, self.backbone, x, generator=generator, progress=progress,
+                                             **extra)
         finally:
             self.train(was_training)

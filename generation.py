@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -63,6 +64,32 @@ def sample_template(
     return template
 
 
+@dataclass(frozen=True)
+class EntropyRejection:
+    """BD3-LM's low-entropy rejection: a sample whose last ``window`` tokens have unigram entropy
+    below ``min_entropy`` nats (:func:`metrics.unigram_entropy`; the paper: 4 nats over 256 tokens)
+    is degenerate (a loop of a few tokens) and is drawn again, at most ``max_retries`` times; one
+    still below after that is kept and flagged (``low_entropy`` in its record)."""
+
+    min_entropy: float
+    window: int = 256
+    max_retries: int = 10
+
+    def __post_init__(self) -> None:
+        if self.window < 1 or self.max_retries < 0:
+            raise ValueError(f"sampling.entropy_window must be >= 1 and sampling.max_retries >= 0, got "
+                             f"{self.window} and {self.max_retries}")
+
+    def rejects(self, tokens: Tensor) -> bool:
+        """Whether ``tokens`` (L,) end in a low-entropy stretch."""
+        return unigram_entropy(tokens[-self.window:]) < self.min_entropy
+
+    @staticmethod
+    def seed(batch_seed: int, attempt: int) -> int:
+        """The seed of the ``attempt``-th redraw of a batch (never another batch's first seed)."""
+        return (batch_seed + 1) * 1_000_033 + attempt
+
+
 def generate_samples(
     module: Diffusion,
     sampler: Sampler,
@@ -73,12 +100,17 @@ def generate_samples(
     seed: int,
     semi_ar: tuple[int, int] | None = None,
     source: Any = None,
+    stop_token: int | None = None,
+    rejection: EntropyRejection | None = None,
 ) -> list[dict[str, Any]]:
     """Sample ``num_batches`` batches of ``template`` (1, L) on the module's device.
 
     One record per sample: text, tokens, sampler, steps, NFE, seconds, seed, index in batch,
     length, and with a ``source`` of known law (``source.has_true_nll``) the sample's exact
-    NLL per token under it. ``semi_ar = (stride_length, num_strides)``.
+    NLL per token under it. ``semi_ar = (stride_length, num_strides)``. ``stop_token``:
+    variable length (block diffusion): each sample ends at its first ``stop_token`` after
+    position 0. ``rejection``: samples whose tail has too little entropy are drawn again
+    (``retries`` and ``low_entropy`` in the record).
     """
     if semi_ar and sampler.left_to_right:
         raise ValueError(f"sampling.semi_ar applies to diffusion samplers; sampler={sampler.name} generates "
@@ -86,28 +118,47 @@ def generate_samples(
     device = next(module.parameters()).device
     template = template.to(device)
     mask_index = module.algorithm.mask_index
+
+    def draw(draw_seed: int, n: int) -> tuple[list[Tensor], int]:
+        generator = torch.Generator(device).manual_seed(draw_seed)
+        out = module.generate(sampler, template.expand(n, -1).clone(), generator=generator, progress=True,
+                              semi_ar=semi_ar, stop_token=stop_token)
+        tokens = out.tokens.cpu()
+        lengths = [tokens.shape[1]] * n if out.lengths is None else out.lengths.tolist()
+        return [tokens[i, :length] for i, length in enumerate(lengths)], out.nfe
+
     records = []
     for batch_index in range(num_batches):
         batch_seed = seed * 1_000_003 + batch_index
-        generator = torch.Generator(device).manual_seed(batch_seed)
         start = time.perf_counter()
-        out = module.generate(sampler, template.expand(batch_size, -1).clone(), generator=generator, progress=True,
-                              semi_ar=semi_ar)
+        samples, nfe = draw(batch_seed, batch_size)
+        seeds, nfes, retries = [batch_seed] * batch_size, [nfe] * batch_size, [0] * batch_size
+        if rejection is not None:
+            for attempt in range(1, rejection.max_retries + 1):
+                rejected = [i for i, tokens in enumerate(samples) if rejection.rejects(tokens)]
+                if not rejected:
+                    break
+                retry_seed = rejection.seed(batch_seed, attempt)
+                redrawn, nfe = draw(retry_seed, len(rejected))
+                for i, tokens in zip(rejected, redrawn, strict=True):
+                    samples[i], seeds[i], nfes[i], retries[i] = tokens, retry_seed, nfe, attempt
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        tokens = out.tokens.cpu()
-        texts = decode(tokenizer, tokens, mask_index)
-        true_nll = source.true_nll_of(tokens) if getattr(source, "has_true_nll", False) and not semi_ar else None
-        for i, text in enumerate(texts):
-            record = {"text": text, "tokens": tokens[i].tolist(), "sampler": sampler.name,
-                      "steps": getattr(sampler, "steps", None), "nfe": out.nfe, "seconds": seconds / batch_size,
-                      "seed": batch_seed, "index_in_batch": i, "length": tokens.shape[1],
+        same_length = len({len(t) for t in samples}) == 1 and len(samples[0]) == template.shape[1]
+        scorable = getattr(source, "has_true_nll", False) and not semi_ar and same_length
+        true_nll = source.true_nll_of(torch.stack(samples)) if scorable else None
+        for i, tokens in enumerate(samples):
+            record = {"text": decode(tokenizer, tokens[None], mask_index)[0], "tokens": tokens.tolist(),
+                      "sampler": sampler.name, "steps": getattr(sampler, "steps", None), "nfe": nfes[i],
+                      "seconds": seconds / batch_size, "seed": seeds[i], "index_in_batch": i, "length": len(tokens),
                       "float64": sampler.dtype == torch.float64}
             if semi_ar:
                 record.update(stride_length=semi_ar[0], num_strides=semi_ar[1])
+            if rejection is not None:
+                record.update(retries=retries[i], low_entropy=rejection.rejects(tokens))
             if true_nll is not None:
-                record["true_nll_per_token"] = float(true_nll[i]) / tokens.shape[1]
+                record["true_nll_per_token"] = float(true_nll[i]) / len(tokens)
             records.append(record)
     return records
 
@@ -183,8 +234,15 @@ def print_samples(records: list[dict[str, Any]], limit: int) -> None:
         print(r["text"])
     if records:
         seconds = sum(r["seconds"] for r in records) / len(records)
-        print(f"--- {len(records)} samples of {records[0]['length']} tokens, {seconds:.3f} s/sample, "
-              f"NFE {records[0]['nfe']}")
+        lengths = sorted({r["length"] for r in records})
+        length = f"{lengths[0]}" if len(lengths) == 1 else f"{lengths[0]}-{lengths[-1]}"
+        nfes = sorted({r["nfe"] for r in records})
+        nfe = f"{nfes[0]}" if len(nfes) == 1 else f"{nfes[0]}-{nfes[-1]}"
+        print(f"--- {len(records)} samples of {length} tokens, {seconds:.3f} s/sample, NFE {nfe}")
+        if "retries" in records[0]:
+            redrawn = sum(r["retries"] > 0 for r in records)
+            flagged = sum(r["low_entropy"] for r in records)
+            print(f"--- low-entropy rejection: {redrawn} samples redrawn, {flagged} still below after the retries")
         scored = [r["true_nll_per_token"] for r in records if "true_nll_per_token" in r]
         possible = [v for v in scored if math.isfinite(v)]
         if scored:

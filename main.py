@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 import config_aliases
 import registry
 import utils
+from algorithms import Algorithm
 from checkpoints import (
     LoadedCheckpoint,
     adopt_checkpoint,
@@ -42,7 +43,15 @@ from checkpoints import (
 from dataloader import DataModule, block_special_ids, vocab_and_mask
 from diffusion import Diffusion
 from fault_tolerance import AtomicCheckpointIO, TrainingStopped, resume_checkpoint, under_slurm
-from generation import generate_samples, make_sampler, print_samples, reference_texts, sample_template, score_samples
+from generation import (
+    EntropyRejection,
+    generate_samples,
+    make_sampler,
+    print_samples,
+    reference_texts,
+    sample_template,
+    score_samples,
+)
 from metrics import GenerativePerplexity
 from samplers import check_fits
 
@@ -92,6 +101,17 @@ def check_combination(cfg: DictConfig) -> None:
                lambda: registry.samplers_accepting(algorithm.denoiser_kind))
 
 
+def check_sampling(cfg: DictConfig) -> None:
+    """``sampling.length`` and ``sampling.var_length`` fit the algorithm (checked before any work)."""
+    sample_length(cfg)
+    algorithm: type[Algorithm] = get_class(cfg.algorithm._target_)
+    if cfg.sampling.var_length and not algorithm.var_length:
+        raise ValueError(f"sampling.var_length=true applies to block diffusion (algorithm=bd3lm), which generates "
+                         f"left to right; algorithm={algorithm.name} fills a fixed length: remove it.")
+    if cfg.sampling.var_length and cfg.sampling.semi_ar:
+        raise ValueError("sampling.var_length and sampling.semi_ar do not go together: choose one.")
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Reject invalid combinations before any data is loaded, naming the valid choices.
 
@@ -107,6 +127,7 @@ def validate_config(cfg: DictConfig) -> None:
                              "(On the command line the original's names still work.)")
     if cfg.mode == "train":
         check_options_read(cfg, command_line_overrides())
+        check_sampling(cfg)
     check_combination(cfg)
 
 
@@ -287,6 +308,7 @@ def adopt_for_eval(cfg: DictConfig, loaded: LoadedCheckpoint | None = None) -> L
     choose_sampler(cfg, given)
     check_options_read(cfg, given)
     check_combination(cfg)
+    check_sampling(cfg)
     return loaded
 
 
@@ -321,11 +343,41 @@ def generate_from_config(cfg: DictConfig, module: Diffusion, data: Any, num_batc
     accelerator, _ = utils.resolve_accelerator(cfg.trainer.accelerator, 1)
     module.to(accelerator)  # "cuda" or "cpu"
     s, sampler = cfg.sampling, module.sampler
-    template = sample_template(data.tokenizer, cfg.model.length, module.algorithm.mask_index, sampler,
-                               prefix=s.prefix, infill=s.infill)
+    template = sample_template(data.tokenizer, sample_length(cfg), module.algorithm.mask_index,
+                               sampler, prefix=s.prefix, infill=s.infill)
     semi_ar = (s.stride_length, s.num_strides) if s.semi_ar else None
+    stop_token = block_special_ids(data.tokenizer)[1] if s.var_length else None
+    rejection = None if s.min_entropy is None else EntropyRejection(float(s.min_entropy), int(s.entropy_window),
+                                                                    int(s.max_retries))
     return generate_samples(module, sampler, template, data.tokenizer, num_batches, batch_size, cfg.seed,
-                            semi_ar=semi_ar, source=data)
+                            semi_ar=semi_ar, source=data, stop_token=stop_token, rejection=rejection)
+
+
+def sample_length(cfg: DictConfig) -> int:
+    """Tokens to generate: ``sampling.length``, or ``model.length`` when null.
+
+    Block diffusion generates any multiple of its block size, longer than the trained length
+    too (its window slides); the other algorithms fill at most ``model.length`` positions
+    (longer samples: ``sampling.semi_ar``).
+    """
+    algorithm: type[Algorithm] = get_class(cfg.algorithm._target_)
+    length = cfg.sampling.length
+    if length is None:
+        return int(cfg.model.length)
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise ValueError(f"sampling.length must be a positive integer or null (= model.length), got {length!r}")
+    if algorithm.semi_ar and length > cfg.model.length:
+        raise ValueError(
+            f"sampling.length={length} is longer than model.length={cfg.model.length}, which algorithm="
+            f"{algorithm.name} fills at once. For longer samples use semi-autoregressive windows "
+            "(sampling.semi_ar=true sampling.stride_length=S sampling.num_strides=K), or block diffusion "
+            "(algorithm=bd3lm), which generates any length."
+        )
+    block_size = cfg.algorithm.get("block_size")
+    if block_size is not None and length % block_size:
+        raise ValueError(f"sampling.length={length} must be a multiple of block_size={block_size}: "
+                         f"e.g. {(length // block_size + 1) * block_size}")
+    return length
 
 
 # --------------------------------------------------------------------------- reports
@@ -540,6 +592,13 @@ def sample_eval(cfg: DictConfig, run_dir: Path) -> None:
     summary.update(checkpoint=str(cfg.eval.checkpoint_path), sampler=records[0]["sampler"], steps=records[0]["steps"],
                    nfe=records[0]["nfe"], length=records[0]["length"], float64=bool(s.float64), semi_ar=bool(s.semi_ar),
                    eval_model=cfg.eval.gen_ppl_eval_model if scorer else None)
+    if s.var_length:
+        summary.update(length=max(r["length"] for r in records),
+                       mean_length=sum(r["length"] for r in records) / len(records))
+    if s.min_entropy is not None:
+        summary.update(min_entropy=float(s.min_entropy), entropy_window=int(s.entropy_window),
+                       redrawn=sum(r["retries"] > 0 for r in records),
+                       low_entropy=sum(r["low_entropy"] for r in records))
     utils.write_json(run_dir / "sample_results.json", summary)
     if scorer is not None:
         print(f"--- generative perplexity ({cfg.eval.gen_ppl_eval_model}): {summary['gen_ppl']:.3f} over "

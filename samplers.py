@@ -70,6 +70,7 @@ class SampleOutput:
 
     tokens: Tensor  # (B, L) long
     nfe: int        # number of denoiser calls made, the noise-removal call included
+    lengths: Tensor | None = None  # (B,) long: tokens of each sample (variable length), None: all of L
 
 
 # Precisions the categorical draws may run in; float64 is the default (see sample_categorical).

@@ -252,6 +252,89 @@ def test_samples_longer_than_the_context_slide_a_window() -> None:
     assert max(seen) == 8
 
 
+# --------------------------------------------------------------------------- variable length, rejection
+EOS = 7
+
+
+class NeverEOS(torch.nn.Module):
+    """A random DiT that never predicts EOS: the only EOS in a sample are the template's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dit = random_dit(7)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
+        logits = self.dit(x, sigma, **kwargs).clone()
+        logits[..., EOS] = -1e9
+        return logits
+
+    def new_cache(self, window: int | None = None):
+        return self.dit.new_cache(window)
+
+
+@pytest.mark.parametrize("kv_cache", [True, False])
+def test_variable_length_stops_after_the_block_where_every_sequence_has_ended(kv_cache: bool) -> None:
+    from conftest import build_sampler
+
+    sampler = build_sampler("first_hitting", noise=LogLinear(), mask_index=MASK)
+    algorithm = BD3LM(LogLinear(), MASK, block_size=4, kv_cache=kv_cache).eval()
+    x = torch.full((3, 24), MASK)
+    x[0, 0] = EOS  # a leading BOS with EOS's id (GPT-2) does not end a sequence ...
+    x[0, 5] = EOS  # ... the first EOS after position 0 does
+    x[1, 9] = EOS
+    x[2, 13] = EOS
+    out = algorithm.sample(sampler, NeverEOS(), x, generator=torch.Generator().manual_seed(0), stop_token=EOS)
+    assert out.tokens.shape == (3, 16)  # block 3 (positions 12-15) is the last: blocks 4 and 5 are never drawn
+    assert out.lengths.tolist() == [6, 10, 14]
+    assert (out.tokens != MASK).all() and (out.tokens[:, 1:] == EOS).sum() == 3
+    masked = int((x[:, :16] == MASK).view(3, 4, 4).sum(-1).max(0).values.sum())  # first-hitting: a block's most masks
+    assert out.nfe == masked + (3 if kv_cache else 0)  # + a cache fill after each finished block but the last
+    x[2, 13] = MASK  # now sequence 2 never ends: every block is drawn
+    out = algorithm.sample(sampler, NeverEOS(), x, generator=torch.Generator().manual_seed(0), stop_token=EOS)
+    assert out.tokens.shape == (3, 24) and out.lengths.tolist() == [6, 10, 24]
+    assert algorithm.sample(sampler, NeverEOS(), x, generator=torch.Generator().manual_seed(0)).lengths is None
+
+
+def test_low_entropy_samples_are_redrawn_and_flagged() -> None:
+    import functools
+
+    from conftest import build_sampler
+
+    from diffusion import Diffusion
+    from generation import EntropyRejection, generate_samples
+    from metrics import unigram_entropy
+
+    class Tokenizer:  # decodes ids as words (the records' text)
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    module = Diffusion(backbone=random_dit(8), algorithm=BD3LM(LogLinear(), MASK, block_size=4),
+                       optimizer=functools.partial(torch.optim.SGD, lr=0.1), ema_decay=0)
+    sampler = build_sampler("first_hitting", noise=LogLinear(), mask_index=MASK)
+    template = torch.full((1, 12), MASK)
+
+    def draw(rejection):
+        return generate_samples(module, sampler, template, Tokenizer(), 2, 4, seed=3, rejection=rejection)
+
+    plain = draw(None)
+    entropies = sorted(unigram_entropy(r["tokens"][-8:]) for r in plain)
+    threshold = (entropies[2] + entropies[3]) / 2  # about half of the first draws fall below
+    rejection = EntropyRejection(threshold, window=8, max_retries=3)
+    records = draw(rejection)
+    assert [r["retries"] for r in records] != [0] * 8
+    for first, record in zip(plain, records, strict=True):
+        kept = unigram_entropy(first["tokens"][-8:]) >= threshold
+        assert (record["retries"] == 0) == kept  # accepted at once, or drawn again
+        assert (record["tokens"] == first["tokens"]) == kept
+        assert record["low_entropy"] == (unigram_entropy(record["tokens"][-8:]) < threshold)
+        assert record["low_entropy"] <= (record["retries"] == 3)  # flagged only after every retry
+    assert [r["tokens"] for r in draw(rejection)] == [r["tokens"] for r in records]  # redraws are seeded
+    always = draw(EntropyRejection(100.0, window=8, max_retries=2))
+    assert all(r["retries"] == 2 and r["low_entropy"] for r in always)
+    with pytest.raises(ValueError, match="entropy_window"):
+        EntropyRejection(4.0, window=0)
+
+
 # --------------------------------------------------------------------------- from the command line
 def test_train_evaluate_and_sample_from_the_command_line(tmp_path) -> None:
     import json
@@ -273,5 +356,15 @@ def test_train_evaluate_and_sample_from_the_command_line(tmp_path) -> None:
         tokens[kv_cache] = [r["tokens"] for r in records]
         assert records[0]["nfe"] == 16 + (3 if kv_cache == "true" else 0)  # + one cache fill per finished block
     assert tokens["true"] == tokens["false"]
+    run_dir = tmp_path / "sample_long"  # past the trained length, ending at EOS, with the rejection on
+    run_main(run_dir, "mode=sample_eval", checkpoint, "sampling.length=24", "sampling.var_length=true",
+             "sampling.min_entropy=1.0", "sampling.entropy_window=8", "sampling.num_sample_batches=1",
+             "loader.eval_global_batch_size=4", "wandb.mode=disabled")
+    records = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert all(r["length"] <= 24 and "retries" in r for r in records) and max(r["length"] for r in records) > 16
+    summary = json.loads((run_dir / "sample_results.json").read_text())
+    assert summary["min_entropy"] == 1.0 and "mean_length" in summary and "redrawn" in summary
+    with pytest.raises(AssertionError, match="must be a multiple of block_size=4: e.g. 24"):
+        run_main(tmp_path / "bad_length", "mode=sample_eval", checkpoint, "sampling.length=22", "wandb.mode=disabled")
     with pytest.raises(AssertionError, match="trained with block_size=4 but the command line says block_size=8"):
         run_main(tmp_path / "bad", "mode=ppl_eval", checkpoint, "block_size=8", "wandb.mode=disabled")

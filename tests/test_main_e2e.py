@@ -189,6 +189,8 @@ def test_every_parameterization_trains_evaluates_and_samples(tmp_path: Path, ove
         (["subs_masking=true"], "subs_masking=true is not an option of algorithm=mdlm"),
         (["sampling.predictor=ddpm", "sampler=analytic"], "contradicts sampler=analytic"),
         (["data=ptb"], "(experiment=quickstart sets data keys for its own data set)"),
+        (["sampling.var_length=true"], "sampling.var_length=true applies to block diffusion (algorithm=bd3lm)"),
+        (["sampling.length=32"], "sampling.length=32 is longer than model.length=16, which algorithm=mdlm fills"),
     ],
 )
 def test_invalid_combinations_are_rejected_up_front(tmp_path: Path, overrides: list[str], message: str) -> None:
