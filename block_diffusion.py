@@ -73,6 +73,16 @@ def block_diffusion_mask(length: int, block_size: int, device: torch.device | st
     return diagonal | offset_causal | causal  # (2L, 2L)
 
 
+@functools.lru_cache(maxsize=16)
+def block_causal_mask(length: int, block_size: int, device: torch.device | str = "cpu") -> Tensor:
+    """(S, S) bool: a block sees the blocks up to its own (the clean quadrant of :func:`block_diffusion_mask`).
+
+    Cached per (S, L', device), so attention kernels that prepare a mask once (FlexAttention) reuse it.
+    """
+    block = torch.arange(length, device=device) // block_size
+    return block[:, None] >= block[None, :]
+
+
 def two_stream_logits(backbone: Backbone, xt: Tensor, x0: Tensor, block_size: int, sigma: Tensor,
                       attention_mask: Tensor | None = None) -> Tensor:
     """Logits (B, L, V) at the noisy positions from one pass over ``x_t ⊕ x_0`` (B, 2L).
@@ -202,8 +212,7 @@ class BD3LM(MaskedDiffusion):
         """
         def denoise(xt: Tensor, sigma: Tensor) -> Tensor:
             x = torch.cat([prefix, xt], dim=1)  # (B, P + L')
-            block = torch.arange(x.shape[1], device=x.device) // self.block_size
-            mask = block[:, None] >= block[None, :]  # (S, S): a block sees the blocks up to its own
+            mask = block_causal_mask(x.shape[1], self.block_size, x.device)  # (S, S)
             logits = backbone(x, torch.zeros_like(sigma), attn_mask=mask)[:, prefix.shape[1]:]  # (B, L', V)
             return subs_log_probs(logits, xt, self.mask_index)
 

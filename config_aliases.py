@@ -15,6 +15,7 @@ original override                             here
 ``sampling.nucleus_p=V``                      ``sampler.top_p=V`` (ReMDM's name)
 ``eval.gen_ppl_eval_model_name_or_path=M``    ``eval.gen_ppl_eval_model=M``
 ``eval.perplexity_batch_size=N``              ``eval.gen_ppl_batch_size=N``
+``model.attn_backend=flex|sdpa`` (BD3-LM)      ``attn_backend=flex|sdpa``
 ``diffusion=absorbing_state``                 (dropped: the only process of these algorithms)
 ``eval.generate_samples=...``                 (dropped: ppl_eval never samples here)
 ``eval.compute_perplexity_on_sanity=...``     (dropped: sanity validation is never reported)
@@ -38,6 +39,7 @@ RENAMED = {
     "sampling.nucleus_p": "sampler.top_p",  # ReMDM's name
     "eval.gen_ppl_eval_model_name_or_path": "eval.gen_ppl_eval_model",
     "eval.perplexity_batch_size": "eval.gen_ppl_batch_size",
+    "model.attn_backend": "attn_backend",  # BD3-LM's name (a kernel choice, not part of the model)
 }
 # ``eval.data_paths.<name>=DIR`` adds an entry to the empty dict (the names are configs/data/'s, checked
 # when the data set is loaded), so it needs no ``+``.

@@ -28,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+import checkpoints
 import config_aliases
 import registry
 import utils
@@ -53,6 +54,8 @@ from generation import (
     score_samples,
 )
 from metrics import GenerativePerplexity
+from models.dit import set_attention_backend
+from models.ema import ExponentialMovingAverage
 from samplers import check_fits
 
 
@@ -133,6 +136,7 @@ def validate_config(cfg: DictConfig) -> None:
 
 def build_module(cfg: DictConfig, vocab_size: int, mask_index: int, special_ids: tuple[int, ...] = ()) -> Diffusion:
     backbone = instantiate(cfg.backbone, vocab_size=vocab_size)
+    set_attention_backend(backbone, cfg.attn_backend)
     algorithm = instantiate(cfg.algorithm)(mask_index=mask_index)
     sampler = make_sampler(cfg.sampler, algorithm, bool(cfg.sampling.float64))
     optimizer = functools.partial(
@@ -401,6 +405,10 @@ def report_likelihood(results: dict[str, float], title: str, exact: bool = False
 def train(cfg: DictConfig, run_dir: Path) -> None:
     data, vocab_size, mask_index = build_data(cfg)
     module = build_module(cfg, vocab_size, mask_index, special_ids(data))
+    ckpt_path = Path(cfg.checkpointing.resume_ckpt_path)
+    resume = resume_checkpoint(ckpt_path, run_dir) if cfg.checkpointing.resume_from_ckpt else None
+    if cfg.training.from_pretrained and resume is None:  # a resumed run has its own weights
+        init_from_pretrained(cfg, module, vocab_size)
     trainer, train_plan, eval_plan = build_trainer(cfg, run_dir)
     check_memory(cfg, vocab_size, train_plan, eval_plan)
     print(
@@ -408,8 +416,6 @@ def train(cfg: DictConfig, run_dir: Path) -> None:
         f"x {train_plan.accumulate} accumulation = {train_plan.global_size} sequences of {cfg.model.length} tokens."
     )
     datamodule = make_datamodule(cfg, data, train_plan, eval_plan)
-    ckpt_path = Path(cfg.checkpointing.resume_ckpt_path)
-    resume = resume_checkpoint(ckpt_path, run_dir) if cfg.checkpointing.resume_from_ckpt else None
     if resume is not None:
         check_resume(resume, module, run_dir)
         print(f"Resuming from {resume}")
@@ -439,6 +445,35 @@ def train(cfg: DictConfig, run_dir: Path) -> None:
     print(f"\nRun directory: {run_dir} (checkpoints/, csv/version_*/metrics.csv, config_train.yaml)")
     print(f"Evaluate:  {prefix} mode=ppl_eval eval.checkpoint_path={ckpt_path}")
     print(f"Sample:    {prefix} mode=sample_eval eval.checkpoint_path={ckpt_path}")
+
+
+def init_from_pretrained(cfg: DictConfig, module: Diffusion, vocab_size: int) -> None:
+    """``training.from_pretrained``: start from a checkpoint's weights (its EMA where it has one).
+
+    Any format :func:`checkpoints.load_checkpoint` reads (ours, the original's, a Hugging Face
+    directory or hub repo), e.g. an MDLM checkpoint to fine-tune as BD3-LM, as the paper does.
+    The architecture must be the one configured (the same model sizes and backbone); the
+    algorithm, noise schedule and length may differ. The optimizer, step count and EMA start
+    afresh (the EMA from the loaded weights).
+    """
+    source = str(cfg.training.from_pretrained)
+    loaded = load_checkpoint(source, trust_remote_code=bool(cfg.eval.get("trust_remote_code")))
+    target = cfg.backbone._target_
+    kind = {t: k for k, t in checkpoints.BACKBONE_TARGETS.items()}.get(target, target.rpartition(".")[2].lower())
+    if loaded.backbone_kind != kind or loaded.causal != module.algorithm.causal:
+        raise ValueError(f"training.from_pretrained={source} holds {loaded.backbone_kind} weights "
+                         f"({'causal' if loaded.causal else 'bidirectional'}), which algorithm="
+                         f"{module.algorithm.name} with a {kind} backbone cannot start from.")
+    check_vocabulary(loaded, vocab_size, cfg.data.name)
+    try:
+        load_backbone_weights(module.backbone, loaded, use_ema=loaded.ema is not None)
+    except ValueError as error:
+        raise ValueError(f"training.from_pretrained={source}: {error} Give the model sizes it was trained with "
+                         f"(its config: {loaded.config.get('model')}).") from error
+    if module.ema is not None:
+        module.ema = ExponentialMovingAverage(module.trainable_parameters(), module.ema.decay)
+    print(f"Starting from the {'EMA' if loaded.ema is not None else ''} weights of {loaded.format} checkpoint "
+          f"{source} (training.from_pretrained); optimizer, steps and EMA start afresh.")
 
 
 def check_resume(path: Path, module: Diffusion, run_dir: Path) -> None:

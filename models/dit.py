@@ -16,12 +16,20 @@ tensors, and through :func:`torch.nn.functional.scaled_dot_product_attention` ot
 An optional ``attention_mask`` (B, L) (1 = real token, 0 = padding) hides padding keys from
 every query; batches with padding always take the SDPA path, since the packed flash-attn
 function used here has no key-padding mask.
+
+An ``attn_mask`` (L, L) (block diffusion's) runs through SDPA with a dense boolean mask, or
+through FlexAttention, which skips the 128 x 128 tiles the mask leaves empty: the DiT's
+:attr:`DiT.attn_backend` (``"auto"``, ``"sdpa"``, ``"flex"``; :func:`set_attention_backend`)
+picks the kernel at run time, see :func:`attention_kernel`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from collections import OrderedDict
+from collections.abc import Callable
+from functools import cache
+from typing import ClassVar, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +42,21 @@ except ImportError:
 
 FLASH_ATTN_AVAILABLE: bool = _flash_attn_qkvpacked_func is not None
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)  # the dtypes flash-attn kernels accept
+
+try:  # FlexAttention (PyTorch >= 2.5), detected once: block-sparse attention under an attn_mask
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+    from torch.nn.attention.flex_attention import flex_attention as _flex_attention
+except ImportError:
+    BlockMask = create_block_mask = _flex_attention = None
+
+FLEX_ATTN_AVAILABLE: bool = _flex_attention is not None
+AttnBackend = Literal['auto', 'sdpa', 'flex']  # DiT.attn_backend: a kernel choice, not architecture
+ATTN_BACKENDS: tuple[str, ...] = get_args(AttnBackend)
+# 'auto' takes FlexAttention (on CUDA) for masks over at least this many tokens: 8 x 8 tiles of 128,
+# enough empty tiles to repay building the BlockMask (a guess, not measured: no GPU at hand).
+FLEX_AUTO_MIN_LENGTH = 1024
+FLEX_MIN_HEAD_DIM_CUDA = 16  # FlexAttention's Triton kernel (tl.dot) needs a head size of at least 16
+BLOCK_MASK_CACHE_SIZE = 8  # BlockMasks kept (a few block sizes / lengths; each holds its dense mask)
 
 FREQUENCY_EMBEDDING_SIZE = 256  # sinusoidal features of sigma fed to the conditioning MLP
 MAX_PERIOD = 10_000.0  # longest period of the sigma features
@@ -118,26 +141,157 @@ def flash_attention(qkv: Tensor, causal: bool) -> Tensor:
     return out.reshape(batch, length, n_heads * head_dim)
 
 
-def attention(qkv: Tensor, causal: bool, key_padding_mask: Tensor | None = None,
-              attn_mask: Tensor | None = None) -> Tensor:
-    """Dispatch to flash-attn when usable (installed, CUDA, fp16/bf16, no mask), else to SDPA.
+def check_attn_backend(name: str) -> str:
+    """``name`` if it is an attention backend (:data:`ATTN_BACKENDS`), else a ValueError listing them."""
+    if name not in ATTN_BACKENDS:
+        raise ValueError(f"attn_backend must be one of {', '.join(ATTN_BACKENDS)}; got {name!r}")
+    return name
 
-    ``flash_attn_qkvpacked_func`` takes no key-padding mask (that would need the varlen
-    kernel and unpadding) and no arbitrary mask, so a batch with padding or an ``attn_mask``
-    always runs through SDPA.
+
+# key -> (the dense mask, kept alive so that its address is not reused; its BlockMask), least recently used first
+_BLOCK_MASKS: OrderedDict[tuple, tuple[Tensor, BlockMask]] = OrderedDict()
+
+
+def dense_block_mask(attn_mask: Tensor, device: torch.device) -> BlockMask:
+    """The FlexAttention BlockMask of a dense (L, L) bool mask on ``device``, built once and cached.
+
+    The mask_mod indexes the dense mask, ``mask_mod(b, h, q, k) = attn_mask[q, k]``;
+    :func:`create_block_mask` evaluates it once and lists, for each 128-row tile of queries,
+    the 128-column tiles of keys that hold an allowed entry (full ones apart): the kernel
+    skips the others. The cache (:data:`BLOCK_MASK_CACHE_SIZE` entries, least recently used
+    dropped) is keyed on the mask's address, shape, strides, version counter and device, and
+    holds the mask itself, so a hit is the same tensor with the same contents.
+    """
+    version = -1 if attn_mask.is_inference() else attn_mask._version  # inference tensors have no counter
+    key = (attn_mask.data_ptr(), tuple(attn_mask.shape), attn_mask.stride(), attn_mask.device, version,
+           torch.device(device))
+    if key in _BLOCK_MASKS:
+        _BLOCK_MASKS.move_to_end(key)
+        return _BLOCK_MASKS[key][1]
+    dense = attn_mask.to(device=device, dtype=torch.bool)  # (L, L)
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return dense[q_idx, kv_idx]
+
+    length = attn_mask.shape[0]
+    block_mask = create_block_mask(mask_mod, None, None, length, length, device=device)
+    _BLOCK_MASKS[key] = (attn_mask, block_mask)
+    if len(_BLOCK_MASKS) > BLOCK_MASK_CACHE_SIZE:
+        _BLOCK_MASKS.popitem(last=False)
+    return block_mask
+
+
+@cache
+def _compiled_flex_attention() -> Callable[..., Tensor]:
+    """FlexAttention compiled (its fused, block-sparse kernel), made on first use: no compile at import."""
+    return torch.compile(_flex_attention)
+
+
+def flex_masked_attention(qkv: Tensor, attn_mask: Tensor) -> Tensor:
+    """Same as :func:`sdpa_attention` under ``attn_mask`` (no padding mask), with FlexAttention.
+
+    Compiled on CUDA (the fused kernel that skips empty tiles); eager elsewhere, where PyTorch
+    evaluates the mask densely (as SDPA does; no speed-up, for checking the numbers).
+
+    Args:
+        qkv: (B, L, 3, H, D) packed queries, keys and values.
+        attn_mask: (L, L) bool, True = query i may attend to key j; every query needs one key.
+
+    Returns:
+        (B, L, H * D) attention output with the heads concatenated.
+    """
+    batch, length, _, n_heads, head_dim = qkv.shape
+    if attn_mask.shape != (length, length):
+        raise ValueError(f'attn_mask must be (L, L) = ({length}, {length}), got shape {tuple(attn_mask.shape)}')
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, D)
+    block_mask = dense_block_mask(attn_mask, qkv.device)
+    kernel = _compiled_flex_attention() if qkv.is_cuda else _flex_attention
+    out = kernel(q, k, v, block_mask=block_mask)  # (B, H, L, D)
+    return out.transpose(1, 2).reshape(batch, length, n_heads * head_dim)
+
+
+def flex_problem(device: torch.device, head_dim: int, padding: bool, mask_shape: tuple[int, ...],
+                 needs_grad: bool) -> str | None:
+    """Why FlexAttention cannot run this masked attention, or None if it can."""
+    if not FLEX_ATTN_AVAILABLE:
+        return f'torch {torch.__version__} has no torch.nn.attention.flex_attention (PyTorch >= 2.5 has)'
+    if padding:
+        return 'the batch has padding, and the flex path takes no key-padding mask'
+    if len(mask_shape) != 2:
+        return f'it takes one (L, L) attn_mask for the whole batch, got shape {mask_shape}'
+    if device.type not in ('cuda', 'cpu'):
+        return f'it runs here on CUDA (and on CPU without gradients), not on {device.type}'
+    if device.type == 'cpu' and needs_grad:
+        return (f'FlexAttention has no backward on CPU (torch {torch.__version__}); on CPU it runs only '
+                'without gradients (torch.no_grad)')
+    if device.type == 'cuda' and head_dim < FLEX_MIN_HEAD_DIM_CUDA:
+        return f'its CUDA kernel needs a head size >= {FLEX_MIN_HEAD_DIM_CUDA}, got {head_dim}'
+    return None
+
+
+def attention_kernel(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int, padding: bool,
+                     mask_shape: tuple[int, ...] | None, needs_grad: bool) -> str:
+    """The kernel :func:`attention` runs: ``"flash"``, ``"flex"`` or ``"sdpa"``.
+
+    - No ``attn_mask`` (``mask_shape`` None): flash-attn when usable (installed, CUDA, fp16/bf16,
+      no padding; not with ``backend="sdpa"``), else SDPA, whatever the backend: FlexAttention
+      has no tile to skip there (and the KV cache's attention is always SDPA).
+    - With an ``attn_mask``: ``"sdpa"`` runs SDPA with the dense mask; ``"flex"`` runs
+      FlexAttention, or raises a ValueError saying why it cannot (:func:`flex_problem`) and to use
+      ``attn_backend=sdpa``; ``"auto"`` runs FlexAttention on CUDA when it can and the mask is
+      at least :data:`FLEX_AUTO_MIN_LENGTH` long, else SDPA. Both compute the same attention, so
+      the choice changes results only by float rounding.
+
+    ``flash_attn_qkvpacked_func`` takes no key-padding mask (that would need the varlen kernel
+    and unpadding) and no arbitrary mask, so a batch with padding or an ``attn_mask`` never
+    runs through it.
+
+    Args:
+        backend: one of :data:`ATTN_BACKENDS`.
+        device, dtype, head_dim: of the queries.
+        padding: whether a key-padding mask is given.
+        mask_shape: the ``attn_mask``'s shape, or None when there is none.
+        needs_grad: whether the attention will be differentiated.
+    """
+    check_attn_backend(backend)
+    if mask_shape is None:
+        flash = not padding and FLASH_ATTN_AVAILABLE and device.type == 'cuda' and dtype in _FLASH_DTYPES
+        return 'flash' if flash and backend != 'sdpa' else 'sdpa'
+    if backend == 'sdpa':
+        return 'sdpa'
+    problem = flex_problem(device, head_dim, padding, mask_shape, needs_grad)
+    if backend == 'flex':
+        if problem is not None:
+            raise ValueError(f'attn_backend=flex cannot run this attention: {problem}. '
+                             'Use attn_backend=sdpa (or auto).')
+        return 'flex'
+    long_enough = mask_shape[-1] >= FLEX_AUTO_MIN_LENGTH
+    return 'flex' if problem is None and device.type == 'cuda' and long_enough else 'sdpa'
+
+
+def attention(qkv: Tensor, causal: bool, key_padding_mask: Tensor | None = None,
+              attn_mask: Tensor | None = None, backend: str = 'auto') -> Tensor:
+    """Softmax attention through the kernel :func:`attention_kernel` picks: flash-attn, FlexAttention or SDPA.
 
     Args:
         qkv: (B, L, 3, H, D) packed queries, keys and values.
         causal: if True, position i attends only to positions <= i.
         key_padding_mask: optional (B, L) bool, True at real tokens; None = no padding.
         attn_mask: optional (L, L) bool, True = query i may attend to key j.
+        backend: ``"auto"``, ``"sdpa"`` or ``"flex"`` (:data:`ATTN_BACKENDS`).
 
     Returns:
         (B, L, H * D) attention output.
     """
-    if (key_padding_mask is None and attn_mask is None and FLASH_ATTN_AVAILABLE and qkv.is_cuda
-            and qkv.dtype in _FLASH_DTYPES):
+    if causal and attn_mask is not None:
+        raise ValueError('attn_mask replaces causal attention: pass one of them')
+    kernel = attention_kernel(
+        backend, qkv.device, qkv.dtype, qkv.shape[-1], key_padding_mask is not None,
+        None if attn_mask is None else tuple(attn_mask.shape), torch.is_grad_enabled() and qkv.requires_grad)
+    if kernel == 'flash':
         return flash_attention(qkv, causal)
+    if kernel == 'flex':
+        return flex_masked_attention(qkv, attn_mask)
     return sdpa_attention(qkv, causal, key_padding_mask, attn_mask)
 
 
@@ -384,12 +538,14 @@ class DiTBlock(nn.Module):
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, c: Tensor, key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None, cache: LayerCache | None = None, store: bool = False,
+        attn_backend: str = 'auto',
     ) -> Tensor:
         """x (B, L, D), cos/sin (L, D_head/2), c (B, cond_dim) -> (B, L, D).
 
         ``key_padding_mask`` (B, L) bool, True at real tokens, or None (no padding);
         ``attn_mask`` (L, L) bool, True = may attend, or None (full attention); ``cache``: the
-        prefix's keys and values, attended to as well (``store``: add these tokens' to it).
+        prefix's keys and values, attended to as well (``store``: add these tokens' to it; always
+        SDPA); ``attn_backend``: the kernel choice (:func:`attention_kernel`).
         """
         batch, length, dim = x.shape
         modulation = self.adaLN_modulation(c)[:, None]  # (B, 1, 6D)
@@ -401,7 +557,7 @@ class DiTBlock(nn.Module):
         if cache is not None:
             h = cache.attend(qkv, store)  # (B, L, D)
         else:
-            h = attention(qkv, False, key_padding_mask, attn_mask)  # (B, L, D)
+            h = attention(qkv, False, key_padding_mask, attn_mask, attn_backend)  # (B, L, D)
         x = gated_residual(x, gate_msa, self.dropout(self.attn_out(h)))  # (B, L, D)
 
         h = modulate(self.norm2(x), shift_mlp, scale_mlp)  # (B, L, D)
@@ -462,8 +618,14 @@ class DiT(nn.Module):
         n_heads: attention heads; ``hidden_size / n_heads`` must be even.
         dropout: dropout on both residual branches of every block.
         mlp_ratio: MLP hidden width as a multiple of D.
+
+    :attr:`attn_backend` (``"auto"``, ``"sdpa"`` or ``"flex"``; default ``"auto"``) picks the
+    attention kernel under an ``attn_mask`` (:func:`attention_kernel`). It is a run-time choice,
+    not architecture: set it after construction (:func:`set_attention_backend`); it is not a
+    constructor argument, so checkpoints do not record it.
     """
 
+    _attn_backend: str = 'auto'  # class default: also for DiTs pickled before the attribute existed
     causal: ClassVar[bool] = False  # bidirectional: for the diffusion algorithms (algorithms.Algorithm.causal)
     block_attention: ClassVar[bool] = True  # takes attn_mask / positions / a KV cache (block diffusion)
 
@@ -493,6 +655,15 @@ class DiT(nn.Module):
             for _ in range(n_blocks)
         )
         self.output_layer = FinalLayer(hidden_size, vocab_size, cond_dim)
+
+    @property
+    def attn_backend(self) -> str:
+        """The attention kernel choice under an ``attn_mask``: ``"auto"``, ``"sdpa"`` or ``"flex"``."""
+        return self._attn_backend
+
+    @attn_backend.setter
+    def attn_backend(self, name: str) -> None:
+        self._attn_backend = check_attn_backend(name)
 
     def forward(self, indices: Tensor, sigma: Tensor, attention_mask: Tensor | None = None,
                 attn_mask: Tensor | None = None, positions: Tensor | None = None,
@@ -526,7 +697,8 @@ class DiT(nn.Module):
             cos, sin = self.rotary_emb.at(positions)  # each (L, D_head/2)
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layers[i]
-            x = block(x, cos, sin, c, padding, attn_mask, layer_cache, cache is not None and cache.store)  # (B, L, D)
+            x = block(x, cos, sin, c, padding, attn_mask, layer_cache, cache is not None and cache.store,
+                      self.attn_backend)  # (B, L, D)
         if cache is not None and cache.store:
             cache.position += indices.shape[1]
         return self.output_layer(x, c)  # (B, L, V)
@@ -534,3 +706,24 @@ class DiT(nn.Module):
     def new_cache(self, window: int | None = None) -> KVCache:
         """An empty :class:`KVCache` for this model (``window``: the most tokens it keeps)."""
         return KVCache(len(self.blocks), window)
+
+
+def set_attention_backend(module: nn.Module, name: str) -> int:
+    """Set ``attn_backend = name`` on every :class:`DiT` inside ``module`` (itself included).
+
+    Args:
+        module: a DiT, or a module holding some (the LightningModule, an EMA copy, a wrapper).
+        name: ``"auto"``, ``"sdpa"`` or ``"flex"``; anything else is a ValueError listing them.
+
+    Returns:
+        The number of DiTs set. None with a name other than ``"auto"`` is a ValueError: the
+        setting would do nothing.
+    """
+    check_attn_backend(name)
+    dits = [m for m in module.modules() if isinstance(m, DiT)]
+    if not dits and name != 'auto':
+        raise ValueError(f'attn_backend={name} applies to the DiT (backbone=dit); {type(module).__name__} holds '
+                         'none: leave attn_backend=auto')
+    for dit in dits:
+        dit.attn_backend = name
+    return len(dits)

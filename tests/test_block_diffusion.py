@@ -368,3 +368,24 @@ def test_train_evaluate_and_sample_from_the_command_line(tmp_path) -> None:
         run_main(tmp_path / "bad_length", "mode=sample_eval", checkpoint, "sampling.length=22", "wandb.mode=disabled")
     with pytest.raises(AssertionError, match="trained with block_size=4 but the command line says block_size=8"):
         run_main(tmp_path / "bad", "mode=ppl_eval", checkpoint, "block_size=8", "wandb.mode=disabled")
+
+
+def test_fine_tuning_starts_from_an_mdlm_checkpoint(tmp_path) -> None:
+    """training.from_pretrained: BD3-LM starts from an MDLM run's EMA weights (lr 0 keeps them), sizes must match."""
+    from test_main_e2e import run_main
+
+    from checkpoints import load_checkpoint
+
+    run_main(tmp_path / "mdlm", "trainer.max_steps=4", "wandb.mode=disabled", "sampling.num_sample_log=0")
+    pretrained = tmp_path / "mdlm" / "checkpoints" / "last.ckpt"
+    proc = run_main(tmp_path / "bd3lm", "algorithm=bd3lm", "block_size=4", f"training.from_pretrained={pretrained}",
+                    "optim.lr=0", "trainer.max_steps=2", "wandb.mode=disabled", "sampling.num_sample_log=0")
+    assert f"Starting from the EMA weights of ours checkpoint {pretrained}" in proc.stdout
+    before, after = load_checkpoint(pretrained), load_checkpoint(tmp_path / "bd3lm" / "checkpoints" / "last.ckpt")
+    names = [k for k in before.state_dict if k != "backbone.rotary_emb.inv_freq"]
+    start = before.weights(names)
+    for name, shadow in zip(names, after.ema["shadow_params"], strict=True):
+        assert torch.equal(after.state_dict[name], start[name]) and torch.equal(shadow, start[name]), name
+    with pytest.raises(AssertionError, match="Give the model sizes it was trained with"):
+        run_main(tmp_path / "bad", "algorithm=bd3lm", "block_size=4", f"training.from_pretrained={pretrained}",
+                 "model.hidden_size=64", "trainer.max_steps=2", "wandb.mode=disabled")
