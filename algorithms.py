@@ -398,6 +398,17 @@ class Algorithm(nn.Module):
         """What this algorithm's samplers call (see ``denoiser_kind``)."""
         raise NotImplementedError
 
+    def on_validation_batch(self, backbone: nn.Module, batch: dict[str, Any], batch_idx: int,
+                            gather: Any) -> None:
+        """Extra work on each validation batch during training (e.g. BD3-LM's clip search); none by default.
+
+        ``gather``: all-gathers a tensor over the processes (``LightningModule.all_gather``).
+        """
+
+    def on_validation_end(self) -> dict[str, float]:
+        """After validation during training: what to log under ``val/`` (and any state update)."""
+        return {}
+
     def sample(self, sampler: Any, backbone: nn.Module, x: Tensor, generator: torch.Generator | None = None,
                progress: bool = False) -> Any:
         """Fill the masked positions of ``x`` (B, L): the sampler over the whole sequence with :meth:`denoiser`.

@@ -23,6 +23,8 @@ gives each noisy block. ``sampling.steps`` is the step count per block.
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -105,6 +107,55 @@ def sequence_ends(x: Tensor, stop_token: int, default: Tensor) -> Tensor:
     return torch.where(hits.any(dim=1), hits.int().argmax(dim=1) + 2, default)
 
 
+def clip_intervals(widths: Sequence[float], delta: float, floor: float = 1e-3) -> list[tuple[float, float]]:
+    """BD3-LM's candidate intervals of masking rates: ``[floor, 1]``, then for each width w the intervals
+    ``[i, i + w]`` for ``i = 0, delta, 2 delta, ..., 1 - w`` (lower ends raised to ``floor``).
+
+    Widths (0.5, 0.6, 0.7, 0.8, 0.9) with delta 0.05 give 1 + 11 + 9 + 7 + 5 + 3 = 36 intervals.
+    """
+    if delta <= 0 or any(not 0 < w <= 1 for w in widths):
+        raise ValueError(f"training.clip_search_widths must be in (0, 1] and clip_search_delta > 0; got "
+                         f"{list(widths)} and {delta}")
+    intervals = [(floor, 1.0)]
+    for width in widths:
+        steps = int(math.floor((1.0 - width) / delta + 1e-9))
+        for k in range(steps + 1):
+            low = round(k * delta, 10)
+            intervals.append((max(low, floor), min(round(low + width, 10), 1.0)))
+    return list(dict.fromkeys(intervals))  # in order, without repeats
+
+
+class ClipSearch:
+    """The totals of BD3-LM's clip search over one validation run (see :meth:`BD3LM.on_validation_batch`).
+
+    Args:
+        widths: interval widths to try (the paper: 0.5 ... 0.9); empty = no search.
+        delta: step of the intervals' lower ends.
+        max_batches: validation batches per process that take part (each costs one forward
+            pass per interval).
+    """
+
+    def __init__(self, widths: Sequence[float], delta: float, max_batches: int) -> None:
+        self.active = len(widths) > 0
+        self.intervals = clip_intervals(widths, delta) if self.active else []
+        if max_batches < 1:
+            raise ValueError(f"training.clip_search_batches must be >= 1, got {max_batches}")
+        self.max_batches = max_batches
+        self.totals = [0.0] * len(self.intervals)
+        self.batches = 0
+
+    def add(self, index: int, variance: Tensor) -> None:
+        self.totals[index] += float(variance)
+        self.batches += index == 0
+
+    def best(self) -> tuple[tuple[float, float], float]:
+        """The interval of least total variance and its variance per batch; the totals start again."""
+        index = min(range(len(self.intervals)), key=self.totals.__getitem__)
+        result = self.intervals[index], self.totals[index] / self.batches
+        self.totals, self.batches = [0.0] * len(self.intervals), 0
+        return result
+
+
 class BD3LM(MaskedDiffusion):
     """Block diffusion with the SUBS parameterization (absorbing state), continuous time.
 
@@ -122,6 +173,11 @@ class BD3LM(MaskedDiffusion):
         kv_cache: sampling keeps the clean prefix's keys and values (``sampling.kv_cache``).
         context_length: the most tokens the network sees when sampling (the trained
             ``model.length``); longer samples slide a window of that size. None: no limit.
+        clip_search_widths, clip_search_delta, clip_search_batches: the paper's data-driven
+            clipped schedule (:class:`ClipSearch`): at each validation during training, the
+            interval of :func:`clip_intervals` whose per-block NELBO terms have the least
+            variance over the first ``clip_search_batches`` batches becomes the training
+            interval (logged as ``val/clip_min``, ``val/clip_max``). Empty widths: no search.
 
     Times: training draws ``u ~ U[0, 1)`` per block (antithetic over the batch's blocks) and sets
     ``t = clip_min + (clip_max - clip_min) u``. With given draws (:class:`algorithms.Draws`, one
@@ -146,6 +202,9 @@ class BD3LM(MaskedDiffusion):
         time_conditioning: bool = False,
         kv_cache: bool = True,
         context_length: int | None = None,
+        clip_search_widths: Sequence[float] = (),
+        clip_search_delta: float = 0.05,
+        clip_search_batches: int = 100,
     ) -> None:
         super().__init__(noise, mask_index, time_conditioning, antithetic_sampling, sampling_eps, T=0)
         self.kv_cache = bool(kv_cache)
@@ -159,7 +218,12 @@ class BD3LM(MaskedDiffusion):
         if not 0.0 <= clip_min < clip_max <= 1.0:
             raise ValueError(f"need 0 <= clip_min < clip_max <= 1 (the clipped interval of training times), "
                              f"got clip_min={clip_min}, clip_max={clip_max}")
+        # The interval is state: the clip search moves it, checkpoints keep it (the floats mirror the buffer).
+        self.register_buffer("clip_interval", torch.tensor([clip_min, clip_max], dtype=torch.float64))
         self.clip_min, self.clip_max = float(clip_min), float(clip_max)
+        self.register_load_state_dict_post_hook(lambda module, keys: module.set_clip_interval(
+            *module.clip_interval.tolist()))
+        self.clip_search = ClipSearch(clip_search_widths, clip_search_delta, clip_search_batches)
         if self.time_conditioning:
             self.reject("time_conditioning", "each block has its own noise level and the DiT takes one per "
                         "sequence; BD3-LM trains without time conditioning: set time_conditioning=false.")
@@ -171,10 +235,18 @@ class BD3LM(MaskedDiffusion):
                              "(model.length): choose a divisor")
         return length // self.block_size
 
+    def set_clip_interval(self, low: float, high: float) -> None:
+        """Training times from now on are drawn in ``[low, high]``."""
+        self.clip_min, self.clip_max = float(low), float(high)
+        self.clip_interval.copy_(torch.tensor([low, high], dtype=torch.float64))
+
     def block_times(self, batch: int, num_blocks: int, device: torch.device | str,
-                    draws: Draws | None = None) -> Tensor:
-        """Times (B, L / L') of each block: clipped while training, ``[sampling_eps, 1]`` otherwise."""
+                    draws: Draws | None = None, interval: tuple[float, float] | None = None) -> Tensor:
+        """Times (B, L / L') of each block: in ``interval`` if given, else clipped while training and in
+        ``[sampling_eps, 1]`` otherwise."""
         low, high = (self.clip_min, self.clip_max) if self.training else (self.sampling_eps, 1.0)
+        if interval is not None:
+            low, high = interval
         if draws is not None:
             offsets = torch.arange(num_blocks, device=device) / num_blocks  # (nb,)
             u = torch.frac(draws.time.to(device)[:, None] + offsets)  # (B, nb)
@@ -182,27 +254,56 @@ class BD3LM(MaskedDiffusion):
             u = sample_times(batch * num_blocks, 0.0, self.antithetic_sampling, device).view(batch, num_blocks)
         return low + (high - low) * u
 
-    def forward_process(self, x0: Tensor, draws: Draws | None = None) -> tuple[Tensor, Tensor]:
+    def forward_process(self, x0: Tensor, draws: Draws | None = None,
+                        interval: tuple[float, float] | None = None) -> tuple[Tensor, Tensor]:
         """Per-token times t (B, L), constant over each block, and xt (B, L) ~ q(xt | x0)."""
         num_blocks = self.check_length(x0.shape[1])
-        t = self.block_times(x0.shape[0], num_blocks, x0.device, draws)  # (B, nb)
+        t = self.block_times(x0.shape[0], num_blocks, x0.device, draws, interval)  # (B, nb)
         t = t.repeat_interleave(self.block_size, dim=1)  # (B, L)
         xt = q_xt(x0, self.noise.move_chance(t), self.mask_index, u=None if draws is None else draws.mask)
         return t, xt
 
     def loss(
         self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor, padded: bool | None = None,
-        draws: Draws | None = None,
+        draws: Draws | None = None, interval: tuple[float, float] | None = None,
     ) -> LossOutput:
-        """Per-token NELBO (B, L): each block's MDLM NELBO given the clean blocks before it."""
+        """Per-token NELBO (B, L): each block's MDLM NELBO given the clean blocks before it.
+
+        ``interval``: draw the times in it (the clip search), whatever the mode.
+        """
         if padded is None:
             padded = not bool(attention_mask.all())
-        t, xt = self.forward_process(x0, draws)  # (B, L) each
+        t, xt = self.forward_process(x0, draws, interval)  # (B, L) each
         sigma = torch.zeros(x0.shape[0], device=x0.device)  # no time conditioning: the network sees 0
         logits = two_stream_logits(backbone, xt, x0, self.block_size, sigma, attention_mask if padded else None)
         ones = torch.ones(x0.shape[0], device=x0.device)
         nll = subs_nelbo(logits, x0, xt, self.mask_index, ones) * self.noise(t).nelbo_weight.float()  # (B, L)
         return LossOutput(nll=nll * attention_mask, mask=attention_mask, tokens=x0)
+
+    @torch.no_grad()
+    def on_validation_batch(self, backbone: nn.Module, batch: dict[str, Any], batch_idx: int,
+                            gather: Any) -> None:
+        """The clip search's work on one validation batch (the first ``clip_search_batches`` of each rank).
+
+        For every candidate interval: the NELBO with times drawn in it, as the per-block terms
+        (B, L / L') (each block's weighted per-token NELBO, averaged over the block); their
+        variance over every process's batch is added to the interval's total.
+        """
+        if not self.clip_search.active or batch_idx >= self.clip_search.max_batches:
+            return
+        x0, mask = batch["input_ids"], batch["attention_mask"]
+        for index, interval in enumerate(self.clip_search.intervals):
+            nll = self.loss(backbone, x0, mask, batch.get("padded"), interval=interval).nll  # (B, L)
+            terms = nll.view(x0.shape[0], -1, self.block_size).mean(-1)  # (B, nb)
+            self.clip_search.add(index, gather(terms).double().var())
+
+    def on_validation_end(self) -> dict[str, float]:
+        """Move the training interval to the search's best (lowest total variance); log it."""
+        if not self.clip_search.active or self.clip_search.batches == 0:
+            return {}
+        (low, high), variance = self.clip_search.best()
+        self.set_clip_interval(low, high)
+        return {"clip_min": low, "clip_max": high, "clip_variance": variance}
 
     def block_denoiser(self, backbone: nn.Module, prefix: Tensor) -> Denoiser:
         """``(x_t block (B, L'), sigma) -> log p_theta(x0 | x_t block, prefix)`` (B, L', V), SUBS.

@@ -249,6 +249,13 @@ class Diffusion(L.LightningModule):
             content_sum = content_sum + (out.nll * content).sum(-1, dtype=torch.float64)
         self.val_metric.update(nll_sum / self.mc_samples, out.mask.sum(-1), batch.get("true_nll"))
         self.content_metric.update(content_sum / self.mc_samples, content.sum(-1))
+        if self._fitting():
+            self.algorithm.on_validation_batch(self.backbone, batch, batch_idx, self.all_gather)
+
+    def _fitting(self) -> bool:
+        """Validation inside ``trainer.fit`` after the sanity check (not ppl_eval, not the final validate)."""
+        trainer = self._trainer
+        return trainer is not None and trainer.state.fn == "fit" and not trainer.sanity_checking
 
     def _content_mask(self, out: LossOutput) -> Tensor:
         """(B, L') the scored positions whose token is not BOS / EOS."""
@@ -268,6 +275,9 @@ class Diffusion(L.LightningModule):
         for key in ("nll", "bpd", "ppl", "true_nll", "gap"):
             if key in results:
                 self.log(f"val/{key}", results[key], prog_bar=key in ("nll", "true_nll"))
+        if self._fitting():
+            for key, value in self.algorithm.on_validation_end().items():
+                self.log(f"val/{key}", value)
 
     # ----------------------------------------------------------------- sampling
     @torch.no_grad()

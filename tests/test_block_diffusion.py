@@ -148,6 +148,51 @@ def test_time_conditioning_is_refused() -> None:
         BD3LM(LogLinear(), MASK, block_size=2, time_conditioning=True)
 
 
+# --------------------------------------------------------------------------- the clip search
+def test_clip_intervals_are_the_papers_grid() -> None:
+    from block_diffusion import clip_intervals
+
+    intervals = clip_intervals([0.5, 0.6, 0.7, 0.8, 0.9], 0.05)
+    assert len(intervals) == 36 and intervals[0] == (1e-3, 1.0)
+    width_half = [x for interval in intervals[1:12] for x in interval]  # width 0.5: [0, 0.5] ... [0.5, 1]
+    assert width_half == pytest.approx([x for k in range(11) for x in (max(0.05 * k, 1e-3), 0.05 * k + 0.5)])
+    assert all(1e-3 <= lo < hi <= 1.0 for lo, hi in intervals)
+    assert intervals[-3:] == [(1e-3, 0.9), (0.05, 0.95), (0.1, 1.0)]  # width 0.9
+    with pytest.raises(ValueError, match="clip_search_widths must be in"):
+        clip_intervals([1.5], 0.05)
+
+
+def test_clip_search_picks_the_interval_of_least_variance_and_keeps_it() -> None:
+    model = random_dit(9)
+    algorithm = BD3LM(LogLinear(), MASK, block_size=4, clip_search_widths=[0.5, 0.8], clip_search_batches=2).eval()
+    batches = [{"input_ids": torch.randint(0, MASK, (3, 12)), "attention_mask": torch.ones(3, 12)} for _ in range(3)]
+    torch.manual_seed(0)
+    for index, batch in enumerate(batches):  # the third batch is past clip_search_batches
+        algorithm.on_validation_batch(model, batch, index, gather=lambda t: t)
+    torch.manual_seed(0)  # the slow reference: the same draws, in the same order
+    torch.set_grad_enabled(False)
+    totals = [0.0] * len(algorithm.clip_search.intervals)
+    for batch in batches[:2]:
+        for k, interval in enumerate(algorithm.clip_search.intervals):
+            nll = algorithm.loss(model, batch["input_ids"], batch["attention_mask"], interval=interval).nll
+            per_block = torch.stack([nll[:, b * 4:(b + 1) * 4].mean(-1) for b in range(3)], dim=1)  # (B, 3)
+            totals[k] += float(per_block.double().var())
+    assert algorithm.clip_search.totals == pytest.approx(totals, rel=1e-9)
+    torch.set_grad_enabled(True)
+    best = min(range(len(totals)), key=totals.__getitem__)
+    logged = algorithm.on_validation_end()
+    assert (logged["clip_min"], logged["clip_max"]) == algorithm.clip_search.intervals[best]
+    assert logged["clip_variance"] == pytest.approx(totals[best] / 2)
+    assert (algorithm.clip_min, algorithm.clip_max) == algorithm.clip_search.intervals[best]
+    algorithm.train()
+    times = algorithm.block_times(64, 4, "cpu")
+    assert times.min() >= algorithm.clip_min and times.max() <= algorithm.clip_max  # training uses it
+    fresh = BD3LM(LogLinear(), MASK, block_size=4)
+    fresh.load_state_dict(algorithm.state_dict())  # a resumed run keeps the interval
+    assert (fresh.clip_min, fresh.clip_max) == (algorithm.clip_min, algorithm.clip_max)
+    assert algorithm.clip_search.totals == [0.0] * len(totals) and algorithm.on_validation_end() == {}
+
+
 # --------------------------------------------------------------------------- sampling, exact in law
 class ToyBlockBackbone(torch.nn.Module):
     """The exact conditionals of test_samplers.py's toy joint (L = 3), as a backbone for block sampling.
@@ -341,7 +386,10 @@ def test_train_evaluate_and_sample_from_the_command_line(tmp_path) -> None:
 
     from test_main_e2e import run_main
 
-    run_main(tmp_path, "algorithm=bd3lm", "block_size=4", "trainer.max_steps=4", "wandb.mode=disabled")
+    run_main(tmp_path, "algorithm=bd3lm", "block_size=4", "trainer.max_steps=4", "wandb.mode=disabled",
+             "training.clip_search_widths=[0.5,0.9]", "training.clip_search_batches=1")
+    metrics = next(tmp_path.glob("csv/version_*/metrics.csv")).read_text()
+    assert "val/clip_min" in metrics and "val/clip_max" in metrics  # the clip search ran and was logged
     checkpoint = f"eval.checkpoint_path={tmp_path}/checkpoints/last.ckpt"
     run_main(tmp_path / "ppl", "mode=ppl_eval", checkpoint, "wandb.mode=disabled")
     results = json.loads((tmp_path / "ppl" / "eval_results.json").read_text())
