@@ -170,15 +170,13 @@ def test_clip_search_picks_the_interval_of_least_variance_and_keeps_it() -> None
     for index, batch in enumerate(batches):  # the third batch is past clip_search_batches
         algorithm.on_validation_batch(model, batch, index, gather=lambda t: t)
     torch.manual_seed(0)  # the slow reference: the same draws, in the same order
-    torch.set_grad_enabled(False)
     totals = [0.0] * len(algorithm.clip_search.intervals)
     for batch in batches[:2]:
         for k, interval in enumerate(algorithm.clip_search.intervals):
-            nll = algorithm.loss(model, batch["input_ids"], batch["attention_mask"], interval=interval).nll
+            nll = algorithm.loss(model, batch["input_ids"], batch["attention_mask"], interval=interval).nll.detach()
             per_block = torch.stack([nll[:, b * 4:(b + 1) * 4].mean(-1) for b in range(3)], dim=1)  # (B, 3)
             totals[k] += float(per_block.double().var())
     assert algorithm.clip_search.totals == pytest.approx(totals, rel=1e-9)
-    torch.set_grad_enabled(True)
     best = min(range(len(totals)), key=totals.__getitem__)
     logged = algorithm.on_validation_end()
     assert (logged["clip_min"], logged["clip_max"]) == algorithm.clip_search.intervals[best]
