@@ -21,7 +21,9 @@ SCRIPTS = sorted((ROOT / "scripts" / "slurm").glob("*.sbatch"))
 EXPECTED = {
     "train_owt_mdlm", "train_owt_sedd", "train_owt_ar", "train_lm1b_ar", "train_lm1b_d3pm", "eval_owt_mdlm",
     "eval_owt_ar", "eval_owt_sedd", "sample_owt_mdlm", "sample_owt_mdlm_semi_ar",
+    "train_owt_bd3lm", "train_lm1b_bd3lm", "eval_owt_bd3lm", "sample_owt_bd3lm",
 }
+NEEDS_CHECKPOINT = ("eval", "train_owt_bd3lm", "train_lm1b_bd3lm")
 SLURM_ENV = {"SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "8", "SLURM_JOB_NAME": "mdlm-owt", "SLURM_JOB_ID": "4242"}
 
 
@@ -40,7 +42,7 @@ def test_script_syntax_and_rendered_command(script: Path, tmp_path: Path) -> Non
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     text = script.read_text()
     assert "#SBATCH --signal=USR1@" in text and "#SBATCH --requeue" in text
-    args = ["/ckpt/last.ckpt"] if script.stem.startswith("eval") else []
+    args = ["/ckpt/last.ckpt"] if script.stem.startswith(NEEDS_CHECKPOINT) else []
     proc = render(script, *args, env=SLURM_ENV)
     assert proc.returncode == 0, proc.stderr
     command = shlex.split(proc.stdout)
@@ -56,6 +58,9 @@ def test_script_syntax_and_rendered_command(script: Path, tmp_path: Path) -> Non
         main.validate_config(cfg)
     if script.stem.startswith("eval"):
         assert cfg.mode == "ppl_eval" and cfg.eval.checkpoint_path == "/ckpt/last.ckpt"
+    if "bd3lm" in script.stem and script.stem.startswith("train"):  # fine-tuned from an MDLM, as in the paper
+        assert cfg.training.from_pretrained == "/ckpt/last.ckpt" and cfg.training.clip_search_widths
+        assert cfg.block_size == 16 and cfg.algorithm._target_ == "block_diffusion.BD3LM"
     if "semi_ar" in script.stem:
         assert cfg.sampling.semi_ar and cfg.model.length + cfg.sampling.num_strides * cfg.sampling.stride_length == 2048
 
