@@ -39,3 +39,15 @@ def test_quick_benchmark_has_a_dimamba_row(tmp_path: Path) -> None:
     text = out.read_text()
     assert "| tiny-dimamba | 28.4 |" in text  # non-embedding parameters, as DiT tiny's 28.5M
     assert "mamba-ssm" in text
+
+
+def test_block_diffusion_benchmark_writes_its_table(tmp_path: Path) -> None:
+    out = tmp_path / "bd3lm.md"
+    cmd = [sys.executable, "bench/block_diffusion_benchmark.py", "--length", "32", "--vocab", "64", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith(("| BD3-LM", "| MDLM"))]
+    assert [(r[0], r[1]) for r in rows] == [("| BD3-LM L'=4", "yes"), ("| BD3-LM L'=4", "no"),
+                                            ("| BD3-LM L'=16", "yes"), ("| BD3-LM L'=16", "no"), ("| MDLM", "-")]
+    nfe = [int(r[2].replace(",", "")) for r in rows]
+    assert nfe == [32 + 7, 32, 32 + 1, 32, 32]  # first-hitting: one call per token, plus the cache fills
