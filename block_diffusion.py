@@ -223,7 +223,9 @@ class BD3LM(MaskedDiffusion):
         self.clip_min, self.clip_max = float(clip_min), float(clip_max)
         self.register_load_state_dict_post_hook(lambda module, keys: module.set_clip_interval(
             *module.clip_interval.tolist()))
-        self.clip_search = ClipSearch(clip_search_widths, clip_search_delta, clip_search_batches)
+        self.clip_search_widths = [float(w) for w in clip_search_widths]
+        self.clip_search_delta, self.clip_search_batches = float(clip_search_delta), int(clip_search_batches)
+        self.clip_search = ClipSearch(self.clip_search_widths, self.clip_search_delta, self.clip_search_batches)
         if self.time_conditioning:
             self.reject("time_conditioning", "each block has its own noise level and the DiT takes one per "
                         "sequence; BD3-LM trains without time conditioning: set time_conditioning=false.")

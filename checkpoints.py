@@ -10,7 +10,12 @@ weights under ``backbone.`` names, the EMA, the architecture in our config layou
 - ``hf``: a local directory or hub repo in the ``kuleshov-group/mdlm-owt`` format: ``config.json``
   (model_type ``"mdlm"``) and ``model.safetensors`` (or ``pytorch_model.bin``). The weights map
   into our :class:`models.dit.DiT` by name; the repo's remote code runs only with
-  ``trust_remote_code=True``.
+  ``trust_remote_code=True``. The released BD3-LM (``kuleshov-group/bd3lm-owt-block_size{4,8,16}``,
+  model_type ``"bd3lm"``) has the same weight names plus two scalar buffers, the clipped interval
+  of training times, which are not DiT weights: they become the ``bd3lm`` algorithm's
+  ``clip_min`` / ``clip_max``, and the file's ``block_size`` its block size. That network is our
+  DiT run on ``x_t ⊕ x_0`` under the block diffusion mask, adaLN fed sigma = 0
+  (:func:`block_diffusion.two_stream_logits`).
 
 Safety: torch files are read with ``weights_only=True``. The original's ``hyper_parameters`` also
 hold OmegaConf objects and a pickled tokenizer: OmegaConf's container and node classes are
@@ -30,7 +35,7 @@ import pickle
 import re
 import typing
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -53,14 +58,15 @@ import hub
 import registry
 from config_aliases import ALGORITHM_OF_PARAMETERIZATION
 from models.dit import Rotary
-from models.hf import MODEL_TYPE, MDLMConfig, MDLMForMaskedLM
+from models.hf import BD3LM_MODEL_TYPE, MODEL_TYPE, BD3LMConfig, MDLMConfig, MDLMForMaskedLM
 
 CheckpointFormat = Literal["ours", "original", "hf"]
 ACCEPTED_FORMATS = (
     "a Lightning checkpoint (.ckpt) written by this code; "
     "a Lightning checkpoint of the original MDLM code (the released mdlm.ckpt, ar.ckpt, sedd.ckpt); "
     "a Hugging Face directory or hub repo in the kuleshov-group/mdlm-owt format "
-    "(config.json with model_type 'mdlm' + model.safetensors) with backbone=hf_dit"
+    "(config.json with model_type 'mdlm' + model.safetensors) with backbone=hf_dit, "
+    "or in the kuleshov-group/bd3lm-owt-block_size{4,8,16} format (model_type 'bd3lm')"
 )
 # Config keys that define the network and what its loss means; evaluation takes them from the
 # checkpoint (:func:`adopt_checkpoint`). ``algorithm`` holds every option of the algorithm.
@@ -84,6 +90,16 @@ ORIGINAL_NOISE: dict[str, tuple[str, dict[str, float], tuple[str, ...]]] = {
     "linear": ("noise_schedule.Linear", {}, ("sigma_min", "sigma_max")),
     "geometric": ("noise_schedule.Geometric", {}, ("sigma_min", "sigma_max")),
 }
+# The released BD3-LM's top-level buffers: the clipped interval of training times (beta, omega) that
+# training's variance search chose, not DiT weights. Named as our training.sampling_eps_min / max,
+# which configs/algorithm/bd3lm.yaml reads as clip_min / clip_max.
+BD3LM_CLIP_BUFFERS = ("sampling_eps_min", "sampling_eps_max")
+# What the released BD3-LM was trained and sampled with that its config.json does not record (the
+# original's configs/config.yaml and sampling scripts), under our keys; its noise is configs/noise/<name>.yaml.
+BD3LM_RELEASED = {"training": {"sampling_eps": 1e-3, "antithetic_sampling": True}, "sampling": {"kv_cache": True}}
+BD3LM_NOISE = "loglinear"
+# The attention kernels its config.json may name: the same attention, computed either way.
+BD3LM_ATTENTION_BACKENDS = ("sdpa", "flex")
 
 
 @dataclass
@@ -563,8 +579,8 @@ def _hub_snapshot(repo_id: str, trust_remote_code: bool) -> Path:
         raise FileNotFoundError(
             f"eval.checkpoint_path={repo_id} does not exist as a local path, {reason}, and it is not in the "
             "local Hugging Face cache. Download it where the hub is reachable (e.g. "
-            f"`hf download {repo_id} --local-dir mdlm-owt`) and pass the directory, or set HF_HUB_OFFLINE=1 "
-            "with a warm cache."
+            f"`hf download {repo_id} --local-dir {repo_id.rpartition('/')[2]}`) and pass the directory, or set "
+            "HF_HUB_OFFLINE=1 with a warm cache."
         ) from error
 
 
@@ -594,14 +610,18 @@ def _remote_code_model(folder: Path, raw: dict[str, Any], source: str) -> tuple[
                          "auto_map.AutoModelForMaskedLM; leave eval.trust_remote_code out.")
     try:
         model = get_class_from_dynamic_module(reference, str(folder)).from_pretrained(str(folder))
-    except (ImportError, OSError, ValueError) as error:
+    except (ImportError, OSError, ValueError, AttributeError, TypeError) as error:  # e.g. code for another transformers
         raise ValueError(f"{source}: loading with the repo's remote code failed ({error}); without "
                          "eval.trust_remote_code the weights are mapped into our DiT directly.") from error
     return {k: v.detach() for k, v in model.state_dict().items()}, model.config.to_dict()
 
 
 def _hf_weights(state_dict: dict[str, Tensor], head_dim: int) -> dict[str, Tensor]:
-    """Released names under ``backbone.``; the rotary table, a buffer, is added if a file lacks it."""
+    """Released names under ``backbone.``; the rotary table, a buffer, is added if a file lacks it.
+
+    BD3-LM's clip buffers are dropped (its algorithm records them: :func:`_architecture_from_bd3lm`).
+    """
+    state_dict = {k: v for k, v in state_dict.items() if k not in BD3LM_CLIP_BUFFERS}
     if not any(k.startswith("backbone.") for k in state_dict):
         state_dict = {f"backbone.{k}": v for k, v in state_dict.items()}
     state_dict.setdefault("backbone.rotary_emb.inv_freq", Rotary(head_dim).inv_freq)
@@ -626,6 +646,60 @@ def _architecture_from_hf(raw: dict[str, Any], name: str) -> dict[str, Any]:
     return config
 
 
+def _check_bd3lm(hf: BD3LMConfig, source: str) -> None:
+    """Refuse a BD3-LM config.json that describes another network than our DiT on ``x_t ⊕ x_0``."""
+    where = f"eval.checkpoint_path={source}: config.json"
+    if hf.block_size is None:
+        raise ValueError(f"{where} has no block_size (model_type 'bd3lm' needs it; the released files have it).")
+    if not hf.cross_attn:
+        raise ValueError(f"{where} has cross_attn=false: the network reads x_t alone, not x_t ⊕ x_0 under the "
+                         "block diffusion mask. Only BD3-LM checkpoints with cross_attn=true are supported.")
+    if not hf.adaln:
+        raise ValueError(f"{where} has adaln=false: the network has no adaLN modulation, which our DiT always "
+                         "has. Only BD3-LM checkpoints with adaln=true (the released ones) are supported.")
+    if hf.causal:
+        raise ValueError(f"{where} has causal=true: causal attention in place of the block diffusion mask is "
+                         "not supported.")
+    if hf.time_conditioning:
+        raise ValueError(f"{where} has time_conditioning=true: algorithm=bd3lm gives each block its own noise "
+                         "level and feeds the network sigma = 0, so it cannot use a time-conditioned network.")
+    if hf.attn_backend not in BD3LM_ATTENTION_BACKENDS:
+        raise ValueError(f"{where} has attn_backend={hf.attn_backend!r}, not one of {list(BD3LM_ATTENTION_BACKENDS)}.")
+
+
+def _architecture_from_bd3lm(raw: dict[str, Any], state_dict: dict[str, Tensor], name: str,
+                             source: str) -> dict[str, Any]:
+    """Our config keys from a ``BD3LMConfig``: the DiT's sizes and the whole ``bd3lm`` algorithm node.
+
+    The node is ``configs/algorithm/bd3lm.yaml`` resolved, as our checkpoints record it, against
+    our root config overlaid with the file's block size and length, the clipped interval its
+    buffers hold (without them, its config's), and :data:`BD3LM_RELEASED`.
+    """
+    hf = BD3LMConfig(**{k: v for k, v in raw.items() if k != "model_type"})
+    _check_bd3lm(hf, source)
+    model = {"name": name, "hidden_size": hf.hidden_dim, "cond_dim": hf.cond_dim, "n_blocks": hf.n_blocks,
+             "n_heads": hf.n_heads, "dropout": hf.dropout, "length": hf.model_length}
+    clip = {buffer: float(state_dict[buffer]) if buffer in state_dict else float(getattr(hf, buffer))
+            for buffer in BD3LM_CLIP_BUFFERS}
+    root = OmegaConf.load(registry.CONFIGS / "config.yaml")
+    base = OmegaConf.merge(OmegaConf.masked_copy(root, [k for k in root if k != "defaults"]), {
+        "model": model, "block_size": hf.block_size, "time_conditioning": False,
+        "training": {**BD3LM_RELEASED["training"], **clip}, "sampling": BD3LM_RELEASED["sampling"],
+        "noise": registry.load("noise", BD3LM_NOISE),
+    })
+    base.algorithm = registry.load("algorithm", "bd3lm")
+    algorithm = OmegaConf.to_container(base.algorithm, resolve=True)
+    return {"model": model, "backbone": backbone_config("dit", model), "noise": algorithm["noise"],
+            "algorithm": algorithm}
+
+
+# config.json's model_type -> our config keys from (config.json, the weights, the checkpoint's name, source).
+HF_ARCHITECTURES: dict[str, Callable[[dict[str, Any], dict[str, Tensor], str, str], dict[str, Any]]] = {
+    MODEL_TYPE: lambda raw, state_dict, name, source: _architecture_from_hf(raw, name),
+    BD3LM_MODEL_TYPE: _architecture_from_bd3lm,
+}
+
+
 def _load_hf_directory(folder: Path, source: str, trust_remote_code: bool) -> LoadedCheckpoint:
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -633,14 +707,15 @@ def _load_hf_directory(folder: Path, source: str, trust_remote_code: bool) -> Lo
             f"eval.checkpoint_path={source} is a directory without config.json. Accepted: {ACCEPTED_FORMATS}."
         )
     raw = json.loads(config_file.read_text())
-    if raw.get("model_type") != MODEL_TYPE:
+    architecture = HF_ARCHITECTURES.get(raw.get("model_type"))
+    if architecture is None:
         raise ValueError(f"eval.checkpoint_path={source}: config.json has model_type={raw.get('model_type')!r}, "
-                         f"not {MODEL_TYPE!r}. Accepted: {ACCEPTED_FORMATS}.")
+                         f"not one of {sorted(HF_ARCHITECTURES)}. Accepted: {ACCEPTED_FORMATS}.")
     if trust_remote_code:
         state_dict, raw = _remote_code_model(folder, raw, source)
     else:
         state_dict = _read_hf_weights(folder, source)
-    config = _architecture_from_hf(raw, Path(source.rstrip("/")).name)
+    config = architecture(raw, state_dict, Path(source.rstrip("/")).name, source)
     head_dim = config["model"]["hidden_size"] // config["model"]["n_heads"]
     return LoadedCheckpoint(_hf_weights(state_dict, head_dim), None, config, "hf", source)
 

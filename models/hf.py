@@ -1,4 +1,4 @@
-"""The Hugging Face format of MDLM (``kuleshov-group/mdlm-owt``), backed by our own DiT.
+"""The Hugging Face formats of MDLM (``kuleshov-group/mdlm-owt``) and BD3-LM, backed by our own DiT.
 
 :class:`MDLMConfig` has the released ``config.json`` fields (model_type ``"mdlm"``) and
 :class:`MDLMForMaskedLM` wraps :class:`models.dit.DiT` under the attribute ``backbone``, so its
@@ -12,6 +12,12 @@ Importing this module registers both classes with ``AutoConfig`` and ``AutoModel
 
     model = AutoModelForMaskedLM.from_pretrained("path/to/exported_dir")
     logits = model(input_ids).logits  # (B, L, vocab_size)
+
+:class:`BD3LMConfig` reads the ``config.json`` of the released BD3-LM
+(``kuleshov-group/bd3lm-owt-block_size{4,8,16}``, model_type ``"bd3lm"``), whose weights carry
+the same ``backbone.*`` names; :mod:`checkpoints` maps them into our DiT, which block diffusion
+runs on ``x_t ⊕ x_0`` (:func:`block_diffusion.two_stream_logits`). It is not registered with
+``AutoConfig``: there is no ``transformers`` model class for it here.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from transformers.modeling_outputs import MaskedLMOutput
 from models.dit import DiT, Rotary
 
 MODEL_TYPE = "mdlm"
+BD3LM_MODEL_TYPE = "bd3lm"
 
 
 class MDLMConfig(PretrainedConfig):
@@ -81,6 +88,66 @@ class MDLMConfig(PretrainedConfig):
         self.algorithm = algorithm
         self.noise = noise
         self.subs_masking = subs_masking
+
+
+class BD3LMConfig(PretrainedConfig):
+    """Configuration of the released BD3-LM (defaults: ``kuleshov-group/bd3lm-owt-block_size4``'s file).
+
+    Args:
+        block_size: tokens per block L'; None when the file does not say (loading refuses it).
+        vocab_size, model_length, hidden_dim, cond_dim, n_blocks, n_heads, dropout: as in
+            :class:`MDLMConfig`.
+        cross_attn: the network reads ``x_t ⊕ x_0`` under the block diffusion mask.
+        adaln: the blocks and the output layer have adaLN modulation (fed sigma = 0 without
+            time conditioning).
+        attn_backend: the attention kernel used in training (``"sdpa"`` or ``"flex"``); the
+            same attention either way.
+        causal: causal attention in place of the block diffusion mask.
+        time_conditioning: if False the network is fed sigma = 0.
+        var_min: the weights hold the buffers ``sampling_eps_min`` / ``sampling_eps_max``, the
+            clipped interval of training times that training's variance search chose.
+        sampling_eps_min, sampling_eps_max: the interval the buffers started from.
+    """
+
+    model_type = BD3LM_MODEL_TYPE
+
+    def __init__(
+        self,
+        block_size: int | None = None,
+        vocab_size: int = 50258,
+        model_length: int = 1024,
+        cross_attn: bool = True,
+        adaln: bool = True,
+        attn_backend: str = "sdpa",
+        causal: bool = False,
+        hidden_dim: int = 768,
+        cond_dim: int = 128,
+        n_blocks: int = 12,
+        n_heads: int = 12,
+        dropout: float = 0.1,
+        time_conditioning: bool = False,
+        var_min: bool = True,
+        sampling_eps_min: float = 1e-3,
+        sampling_eps_max: float = 0.999,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.block_size = block_size
+        self.vocab_size = vocab_size
+        self.model_length = model_length
+        self.cross_attn = cross_attn
+        self.adaln = adaln
+        self.attn_backend = attn_backend
+        self.causal = causal
+        self.hidden_dim = hidden_dim
+        self.cond_dim = cond_dim
+        self.n_blocks = n_blocks
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.time_conditioning = time_conditioning
+        self.var_min = var_min
+        self.sampling_eps_min = sampling_eps_min
+        self.sampling_eps_max = sampling_eps_max
 
 
 class MDLMForMaskedLM(PreTrainedModel):

@@ -639,6 +639,9 @@ OPTION_CASES = [
     ("bd3lm", "time_conditioning", ["block_size=4"], False),  # true is refused
     ("bd3lm", "kv_cache", ["block_size=4", "sampling.kv_cache=false"], False),
     ("bd3lm", "context_length", ["block_size=4"], 16),  # the trained model.length
+    ("bd3lm", "clip_search_widths", ["block_size=4", "training.clip_search_widths=[0.5]"], [0.5]),
+    ("bd3lm", "clip_search_delta", ["block_size=4", "training.clip_search_delta=0.1"], 0.1),
+    ("bd3lm", "clip_search_batches", ["block_size=4", "training.clip_search_batches=7"], 7),
 ]
 
 
