@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_sample_eval import eval_lm  # noqa: F401 - a tiny GPT-2 eval LM over the built-in corpus
 
 from algorithms import MDLM, Draws, subs_nelbo
 from block_diffusion import BD3LM, block_diffusion_mask, two_stream_logits
@@ -379,7 +380,7 @@ def test_low_entropy_samples_are_redrawn_and_flagged() -> None:
 
 
 # --------------------------------------------------------------------------- from the command line
-def test_train_evaluate_and_sample_from_the_command_line(tmp_path) -> None:
+def test_train_evaluate_and_sample_from_the_command_line(tmp_path, eval_lm) -> None:  # noqa: F811
     import json
 
     from test_main_e2e import run_main
@@ -405,11 +406,13 @@ def test_train_evaluate_and_sample_from_the_command_line(tmp_path) -> None:
     run_dir = tmp_path / "sample_long"  # past the trained length, ending at EOS, with the rejection on
     run_main(run_dir, "mode=sample_eval", checkpoint, "sampling.length=24", "sampling.var_length=true",
              "sampling.min_entropy=1.0", "sampling.entropy_window=8", "sampling.num_sample_batches=1",
-             "loader.eval_global_batch_size=4", "wandb.mode=disabled")
+             "loader.eval_global_batch_size=4", "wandb.mode=disabled", "eval.compute_generative_perplexity=true",
+             f"eval.gen_ppl_eval_model={eval_lm}")
     records = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert all(r["length"] <= 24 and "retries" in r for r in records) and max(r["length"] for r in records) > 16
     summary = json.loads((run_dir / "sample_results.json").read_text())
     assert summary["min_entropy"] == 1.0 and "mean_length" in summary and "redrawn" in summary
+    assert summary["gen_ppl"] > 1 and all(r["gen_num_tokens"] <= r["length"] for r in records)
     with pytest.raises(AssertionError, match="must be a multiple of block_size=4: e.g. 24"):
         run_main(tmp_path / "bad_length", "mode=sample_eval", checkpoint, "sampling.length=22", "wandb.mode=disabled")
     with pytest.raises(AssertionError, match="trained with block_size=4 but the command line says block_size=8"):
