@@ -169,9 +169,61 @@ def subs_log_probs(logits: Tensor, xt: Tensor, mask_index: int) -> Tensor:
        (log-prob 0 on xt, NEG_INF elsewhere).
     """
     log_probs = zero_mask_logit(logits, mask_index).log_softmax(dim=-1)         # (B, L, V)
-    carry = torch.full_like(log_probs, NEG_INF).scatter_(-1, xt[..., None], 0.0)
-    unmasked = (xt != mask_index)[..., None]                                     # (B, L, 1)
-    return torch.where(unmasked, carry, log_probs)
+    return carry_over_(log_probs, xt, mask_index)
+
+
+def carry_over_(log_probs: Tensor, xt: Tensor, mask_index: int) -> Tensor:
+    """SUBS's carry-over, in place on ``log_probs`` (B, L, V): rows where ``xt`` is not the mask become a
+    one-hot on xt (0 there, NEG_INF elsewhere). Only those rows are written."""
+    unmasked = xt != mask_index                                                  # (B, L)
+    log_probs[unmasked] = NEG_INF
+    log_probs[unmasked, xt[unmasked]] = 0.0
+    return log_probs
+
+
+def selects_outputs(backbone: Any) -> bool:
+    """Whether ``backbone`` (or the function a ``functools.partial`` binds) takes ``output_mask``."""
+    return bool(getattr(getattr(backbone, "func", backbone), "selects_outputs", False))
+
+
+def subs_log_probs_at_masks(backbone: Any, xt: Tensor, sigma: Tensor, mask_index: int, **kwargs: Any) -> Tensor:
+    """:func:`subs_log_probs` of ``backbone(xt, sigma)``, with the network's output layer run only where xt is
+    masked when the backbone allows it (the other rows are SUBS's carry-over, whatever the logits).
+
+    ``kwargs`` go to the backbone. Returns (B, L, V) float32, as :func:`subs_log_probs`.
+    """
+    if not selects_outputs(backbone):
+        return subs_log_probs(backbone(xt, sigma, **kwargs), xt, mask_index)
+    return subs_log_probs_of_rows(backbone(xt, sigma, output_mask=xt == mask_index, **kwargs), xt, mask_index)
+
+
+def subs_nelbo_at_masks(backbone: Any, xt: Tensor, sigma: Tensor, x0: Tensor, mask_index: int, weight: Tensor,
+                        **kwargs: Any) -> Tensor:
+    """:func:`subs_nelbo` of ``backbone(xt, sigma)`` (B, L), with the output layer run only at masked positions
+    when the backbone allows it (unmasked positions score 0 under carry-over either way)."""
+    if not selects_outputs(backbone):
+        return subs_nelbo(backbone(xt, sigma, **kwargs), x0, xt, mask_index, weight)
+    masked = xt == mask_index                                                    # (B, L)
+    return subs_nelbo_of_rows(backbone(xt, sigma, output_mask=masked, **kwargs), x0, masked, mask_index, weight)
+
+
+def subs_nelbo_of_rows(rows: Tensor, x0: Tensor, masked: Tensor, mask_index: int, weight: Tensor) -> Tensor:
+    """:func:`subs_nelbo` (B, L) from the logits ``rows`` (N, V) of the N masked positions (``masked`` (B, L)
+    bool, row-major order); ``weight`` (B,) per sequence or (B, L) per token."""
+    rows = zero_mask_logit(rows, mask_index)                                     # (N, V)
+    log_p = rows.gather(-1, x0[masked][:, None]).squeeze(-1) - rows.logsumexp(-1)  # (N,)
+    weights = (weight[:, None] if weight.ndim == 1 else weight).expand(masked.shape)[masked]  # (N,)
+    return torch.zeros(masked.shape, dtype=log_p.dtype, device=x0.device).masked_scatter(masked, -log_p * weights)
+
+
+def subs_log_probs_of_rows(rows: Tensor, xt: Tensor, mask_index: int) -> Tensor:
+    """:func:`subs_log_probs` (B, L, V) from the logits ``rows`` (N, V) of the N masked positions of ``xt``."""
+    masked = xt == mask_index                                                    # (B, L)
+    log_probs = torch.full((*xt.shape, rows.shape[-1]), NEG_INF, device=rows.device)  # (B, L, V)
+    log_probs[masked] = zero_mask_logit(rows, mask_index).log_softmax(dim=-1)
+    unmasked = ~masked
+    log_probs[unmasked, xt[unmasked]] = 0.0
+    return log_probs
 
 
 def subs_nelbo(logits: Tensor, x0: Tensor, xt: Tensor, mask_index: int, weight: Tensor) -> Tensor:
@@ -514,7 +566,7 @@ class MaskedDiffusion(Algorithm):
         """
 
         def denoise(xt: Tensor, sigma: Tensor) -> Tensor:
-            return subs_log_probs(backbone(xt, self.conditioning(sigma)), xt, self.mask_index)
+            return subs_log_probs_at_masks(backbone, xt, self.conditioning(sigma), self.mask_index)
 
         denoise.time_conditioned = self.time_conditioning  # type: ignore[attr-defined]
         return denoise
@@ -613,7 +665,6 @@ class MDLM(MaskedDiffusion):
     def diffusion_nll(self, backbone: Backbone, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
         """Per-token loss (B, L) at times t (B,) drawn by :meth:`sample_t`, for xt ~ q(xt | x0)."""
         sigma = self.noise.total_noise(t)                                         # (B,)
-        logits = backbone(xt, self.conditioning(sigma))                          # (B, L, V)
         if self.T > 0:
             weight = subs_discrete_weight(*self.step_move_chances(t), self.T).float()
         elif self.log_uniform:
@@ -621,7 +672,7 @@ class MDLM(MaskedDiffusion):
             weight = (f1 - f0).float().expand(t.shape)
         else:
             weight = self.noise(t).nelbo_weight
-        return subs_nelbo(logits, x0, xt, self.mask_index, weight)
+        return subs_nelbo_at_masks(backbone, xt, self.conditioning(sigma), x0, self.mask_index, weight)
 
     def reconstruction_nll(self, backbone: Backbone, x0: Tensor, u: Tensor | None = None) -> Tensor | None:
         """``-log p_theta(x0 | z_0)`` per token (B, L), z_0 ~ q(. | x0) at t = 0; None when m(0) = 0."""

@@ -38,8 +38,12 @@ from algorithms import (
     MaskedDiffusion,
     q_xt,
     sample_times,
+    selects_outputs,
     subs_log_probs,
+    subs_log_probs_at_masks,
+    subs_log_probs_of_rows,
     subs_nelbo,
+    subs_nelbo_of_rows,
 )
 from noise_schedule import NoiseSchedule
 from samplers import SampleOutput, Sampler
@@ -86,18 +90,23 @@ def block_causal_mask(length: int, block_size: int, device: torch.device | str =
 
 
 def two_stream_logits(backbone: Backbone, xt: Tensor, x0: Tensor, block_size: int, sigma: Tensor,
-                      attention_mask: Tensor | None = None) -> Tensor:
+                      attention_mask: Tensor | None = None, output_mask: Tensor | None = None) -> Tensor:
     """Logits (B, L, V) at the noisy positions from one pass over ``x_t ⊕ x_0`` (B, 2L).
 
     ``attention_mask`` (B, L) (1 = real token) hides padding in both halves; None = no padding.
+    ``output_mask`` (B, L) bool: only the logits (N, V) of the noisy positions where it is True
+    (a backbone with ``selects_outputs``), row-major.
     """
     length = xt.shape[1]
     positions = torch.arange(length, device=xt.device).repeat(2)  # (2L,): the clean copy has the same positions
     mask = block_diffusion_mask(length, block_size, xt.device)  # (2L, 2L)
     padding = None if attention_mask is None else attention_mask.repeat(1, 2)  # (B, 2L)
+    extra = {}
+    if output_mask is not None:  # the clean half's outputs are never needed
+        extra["output_mask"] = torch.cat([output_mask, torch.zeros_like(output_mask)], dim=1)  # (B, 2L)
     logits = backbone(torch.cat([xt, x0], dim=1), sigma, attention_mask=padding, attn_mask=mask,
-                      positions=positions)  # (B, 2L, V)
-    return logits[:, :length]
+                      positions=positions, **extra)  # (B, 2L, V), or (N, V)
+    return logits if output_mask is not None else logits[:, :length]
 
 
 def sequence_ends(x: Tensor, stop_token: int, default: Tensor) -> Tensor:
@@ -277,9 +286,15 @@ class BD3LM(MaskedDiffusion):
             padded = not bool(attention_mask.all())
         t, xt = self.forward_process(x0, draws, interval)  # (B, L) each
         sigma = torch.zeros(x0.shape[0], device=x0.device)  # no time conditioning: the network sees 0
-        logits = two_stream_logits(backbone, xt, x0, self.block_size, sigma, attention_mask if padded else None)
-        ones = torch.ones(x0.shape[0], device=x0.device)
-        nll = subs_nelbo(logits, x0, xt, self.mask_index, ones) * self.noise(t).nelbo_weight.float()  # (B, L)
+        padding = attention_mask if padded else None
+        weight = self.noise(t).nelbo_weight.float()  # (B, L)
+        if selects_outputs(backbone):  # the output layer only at the masked positions
+            masked = xt == self.mask_index  # (B, L)
+            rows = two_stream_logits(backbone, xt, x0, self.block_size, sigma, padding, output_mask=masked)
+            nll = subs_nelbo_of_rows(rows, x0, masked, self.mask_index, weight)  # (B, L)
+        else:
+            logits = two_stream_logits(backbone, xt, x0, self.block_size, sigma, padding)
+            nll = subs_nelbo(logits, x0, xt, self.mask_index, torch.ones_like(sigma)) * weight  # (B, L)
         return LossOutput(nll=nll * attention_mask, mask=attention_mask, tokens=x0)
 
     @torch.no_grad()
@@ -316,6 +331,10 @@ class BD3LM(MaskedDiffusion):
         def denoise(xt: Tensor, sigma: Tensor) -> Tensor:
             x = torch.cat([prefix, xt], dim=1)  # (B, P + L')
             mask = block_causal_mask(x.shape[1], self.block_size, x.device)  # (S, S)
+            if selects_outputs(backbone):  # the output layer only at the block's masked positions
+                wanted = torch.cat([torch.zeros_like(prefix, dtype=torch.bool), xt == self.mask_index], dim=1)
+                rows = backbone(x, torch.zeros_like(sigma), attn_mask=mask, output_mask=wanted)  # (N, V)
+                return subs_log_probs_of_rows(rows, xt, self.mask_index)
             logits = backbone(x, torch.zeros_like(sigma), attn_mask=mask)[:, prefix.shape[1]:]  # (B, L', V)
             return subs_log_probs(logits, xt, self.mask_index)
 
@@ -325,7 +344,7 @@ class BD3LM(MaskedDiffusion):
     def cached_denoiser(self, backbone: nn.Module, cache: Any) -> Denoiser:
         """:meth:`block_denoiser` reading the prefix's keys and values from ``cache`` (``models.dit.KVCache``)."""
         def denoise(xt: Tensor, sigma: Tensor) -> Tensor:
-            return subs_log_probs(backbone(xt, torch.zeros_like(sigma), cache=cache), xt, self.mask_index)
+            return subs_log_probs_at_masks(backbone, xt, torch.zeros_like(sigma), self.mask_index, cache=cache)
 
         denoise.time_conditioned = False  # type: ignore[attr-defined]
         return denoise

@@ -455,7 +455,7 @@ class LayerNorm(nn.Module):
         """x (B, L, D) -> (B, L, D)."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = F.layer_norm(x.float(), [self.dim])
-        return x * self.weight[None, None, :]
+        return x * self.weight
 
 
 class TokenEmbedding(nn.Module):
@@ -579,9 +579,17 @@ class FinalLayer(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        """x (B, L, D), c (B, cond_dim) -> (B, L, out_dim)."""
-        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=2)  # each (B, 1, D)
+    def forward(self, x: Tensor, c: Tensor, batch_index: Tensor | None = None) -> Tensor:
+        """x (B, L, D), c (B, cond_dim) -> (B, L, out_dim).
+
+        With ``batch_index`` (N,): x holds N rows (N, D), row n of sequence ``batch_index[n]``;
+        returns (N, out_dim), each row as the full call computes it.
+        """
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # each (B, D)
+        if batch_index is None:
+            shift, scale = shift[:, None], scale[:, None]  # each (B, 1, D)
+        else:
+            shift, scale = shift[batch_index], scale[batch_index]  # each (N, D)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -628,6 +636,7 @@ class DiT(nn.Module):
     _attn_backend: str = 'auto'  # class default: also for DiTs pickled before the attribute existed
     causal: ClassVar[bool] = False  # bidirectional: for the diffusion algorithms (algorithms.Algorithm.causal)
     block_attention: ClassVar[bool] = True  # takes attn_mask / positions / a KV cache (block diffusion)
+    selects_outputs: ClassVar[bool] = True  # takes output_mask: logits only where asked (algorithms.py)
 
     def __init__(
         self,
@@ -667,8 +676,13 @@ class DiT(nn.Module):
 
     def forward(self, indices: Tensor, sigma: Tensor, attention_mask: Tensor | None = None,
                 attn_mask: Tensor | None = None, positions: Tensor | None = None,
-                cache: KVCache | None = None) -> Tensor:
+                cache: KVCache | None = None, output_mask: Tensor | None = None) -> Tensor:
         """indices (B, L) long, sigma (B,) float -> logits (B, L, vocab_size).
+
+        ``output_mask`` (B, L) bool: the logits (N, vocab_size) of the N positions where it is
+        True only, in row-major order (``logits[output_mask]`` of the full call). The output
+        layer is most of a small model's FLOPs with a 50k vocabulary, and SUBS needs logits only
+        at masked positions.
 
         ``attention_mask`` (B, L), 1 = real token and 0 = padding, hides padding keys from
         every query, so that padding never changes the logits at real tokens (the logits at
@@ -701,6 +715,10 @@ class DiT(nn.Module):
                       self.attn_backend)  # (B, L, D)
         if cache is not None and cache.store:
             cache.position += indices.shape[1]
+        if output_mask is not None:
+            if output_mask.shape != indices.shape:
+                raise ValueError(f'output_mask must be (B, L) = {tuple(indices.shape)}, got {tuple(output_mask.shape)}')
+            return self.output_layer(x[output_mask], c, output_mask.nonzero()[:, 0])  # (N, V)
         return self.output_layer(x, c)  # (B, L, V)
 
     def new_cache(self, window: int | None = None) -> KVCache:
