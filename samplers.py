@@ -484,13 +484,15 @@ class DDPMCacheSampler(DiffusionSampler):
         stale = True
         with self._progress(progress) as bar:
             for i in bar:
-                if not (x == self.mask_index).any():
+                if stale and not (x == self.mask_index).any():  # checked only after a change (a host sync)
                     break  # nothing left to generate; masks never reappear
                 if stale or time_conditioned:
                     cache = self._call(denoiser, x, times[i])
                     nfe += 1
                 x_s = self._step(cache, x, times[i], times[i + 1], generator)
-                stale = not torch.equal(x_s, x)
+                # _step returns x itself when no position unmasks, and a changed copy otherwise (an
+                # unmasked position always gets a real token): no comparison, no host sync.
+                stale = x_s is not x
                 x = x_s
         if self.noise_removal and (x == self.mask_index).any():
             if stale or time_conditioned:
