@@ -137,6 +137,8 @@ def validate_config(cfg: DictConfig) -> None:
 def build_module(cfg: DictConfig, vocab_size: int, mask_index: int, special_ids: tuple[int, ...] = ()) -> Diffusion:
     backbone = instantiate(cfg.backbone, vocab_size=vocab_size)
     set_attention_backend(backbone, cfg.attn_backend)
+    if cfg.compile:  # in place: the state dict keeps its names (checkpoints do not change)
+        backbone.compile(dynamic=True)
     algorithm = instantiate(cfg.algorithm)(mask_index=mask_index)
     sampler = make_sampler(cfg.sampler, algorithm, bool(cfg.sampling.float64))
     optimizer = functools.partial(
