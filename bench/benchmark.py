@@ -1,7 +1,8 @@
-"""Training throughput and sampling speed of MDLM on the current device.
+"""Training throughput, model FLOP utilisation and sampling speed of MDLM on the current device.
 
     python bench/benchmark.py             # CUDA if available, else CPU
     python bench/benchmark.py --quick     # smoke run, seconds
+    python bench/benchmark.py --json bench_results/b.json   # also every number as JSON
 
 Prints two Markdown tables and writes them to ``--out``
 (default ``bench_results/benchmark_<device>.md``):
@@ -11,7 +12,12 @@ Prints two Markdown tables and writes them to ``--out``
    autocast on CUDA and fp32 on CPU. Each size runs in a fresh subprocess of this script
    (the internal ``--_one-train SIZE`` flag, which prints one JSON line), so its peak memory
    (``torch.cuda.max_memory_allocated`` on CUDA, the process's peak RSS on CPU) is not
-   contaminated by the sizes measured before it.
+   contaminated by the sizes measured before it. Next to tokens/s each row has the model
+   FLOPs of a step (:func:`step_flops`), the achieved TFLOP/s and the MFU: achieved / the
+   machine's matmul rate measured here for the same dtype (:func:`measure_matmul_peak`, bf16 on
+   CUDA, fp32 on CPU; on a GPU of :data:`NOMINAL_BF16_TFLOPS` also / its data-sheet peak), and
+   the time to fetch one batch through ``dataloader.DataModule`` relative to a step
+   (:func:`measure_data`: the loader is not the bottleneck when this is small).
 2. **Sampling**: seconds per sample and the number of network calls (NFE) of the ``ddpm``
    and ``ddpm_cache`` samplers for several step counts, with an untrained, randomly
    perturbed model.
@@ -31,15 +37,18 @@ import os
 import platform
 import resource
 import shlex
+import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python bench/benchmark.py`: make the repo importable
@@ -60,21 +69,37 @@ PREDICTORS = ("ddpm", "ddpm_cache")
 MIB = 2**20
 DIMAMBA_SUFFIX = "-dimamba"  # size presets named *-dimamba build the bidirectional Mamba, the rest the DiT
 
+PER_SEQUENCE_LINEARS = ("sigma_map", "adaLN_modulation")  # Linear layers fed the noise embedding (B, .)
+PEAK_REPEATS = 5  # timed repeats of the peak matmul; the median counts
+PEAK_INNER = {"cuda": 10, "cpu": 1}  # matmuls per timed repeat: one 4096^3 bf16 matmul is ~0.2 ms on an H100
+PEAK_DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}  # the dtype the training matmuls run in
+DATA_BATCHES = 10  # timed batches of the data-loading measurement (after one untimed)
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets, matched as a
+# case-insensitive substring of torch.cuda.get_device_name(); the first match wins, so the
+# PCIe / NVL variants come before the SXM name they contain.
+NOMINAL_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+    ("A100", 312.0), ("A5000", 111.1),
+)
+
 # Per-device defaults; None in the parsed arguments means "use these". The CPU ones keep
 # the whole default run under ~5 minutes on 2 cores.
 DEVICE_DEFAULTS: dict[str, dict[str, object]] = {
     "cuda": {"train_length": 1024, "train_batch": 16, "warmup": 5, "timed_steps": 20,
-             "sample_size": "tiny", "sample_length": 1024, "steps": "128,1024,4096"},
+             "sample_size": "tiny", "sample_length": 1024, "steps": "128,1024,4096", "peak_size": 4096},
     "cpu": {"train_length": 128, "train_batch": 4, "warmup": 2, "timed_steps": 5,
-            "sample_size": "micro", "sample_length": 128, "steps": "32,128,512"},
+            "sample_size": "micro", "sample_length": 128, "steps": "32,128,512", "peak_size": 2048},
 }
 QUICK_DEFAULTS: dict[str, object] = {
     "train_sizes": "micro", "train_length": 16, "train_batch": 2, "warmup": 1, "timed_steps": 1,
-    "sample_size": "micro", "sample_length": 16, "steps": "4,8",
+    "sample_size": "micro", "sample_length": 16, "steps": "4,8", "peak_size": 512,
 }
 COMMON_DEFAULTS: dict[str, object] = {"train_sizes": "tiny,small", "sample_batch": 1}
 
-TRAIN_COLUMNS = ("model", "params (non-embedding, M)", "batch x length", "tokens/s", "ms/step")
+TRAIN_COLUMNS = ("model", "params (non-embedding, M)", "batch x length", "tokens/s", "ms/step",
+                 "output rows / token", "GFLOP/step", "TFLOP/s", "MFU (vs measured peak)")
+NOMINAL_COLUMN = "MFU (vs nominal bf16 peak)"  # CUDA only
+DATA_COLUMN = "data / step"
 SAMPLE_COLUMNS = ("predictor", "steps", "NFE", "s/sample", "speed-up vs ddpm")
 
 
@@ -152,6 +177,189 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / MIB
 
 
+# --------------------------------------------------------------------------- FLOPs and peak
+
+
+@dataclass(frozen=True)
+class FlopModel:
+    """The weights of a backbone's matmuls, grouped by how often they run per training sequence."""
+
+    token_params: int  # Linear weights applied at every position (attention q/k/v/out and MLP; Mamba projections)
+    sequence_params: int  # Linear weights applied once per sequence (noise embedding, adaLN modulations)
+    output_params: int  # the output projection D x V, applied only at the rows the model outputs
+    attention_layers: int  # blocks with softmax attention over the whole sequence
+    attention_width: int  # D = heads x head size of those blocks
+
+
+def flop_model(model: DiT | DiMamba) -> FlopModel:
+    """Count the Linear weights of ``model`` (biases and elementwise ops left out).
+
+    ``output_layer.linear`` is the output projection; a Linear whose name contains one of
+    :data:`PER_SEQUENCE_LINEARS` acts on the noise embedding c (B, cond_dim), once per sequence;
+    every other Linear acts on every position. Blocks with an ``attn_qkv`` projection attend.
+    """
+    output = model.output_layer.linear
+    token = sequence = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or module is output:
+            continue
+        if any(part in name for part in PER_SEQUENCE_LINEARS):
+            sequence += module.weight.numel()
+        else:
+            token += module.weight.numel()
+    attention = [m for m in model.modules() if isinstance(getattr(m, "attn_qkv", None), nn.Linear)]
+    width = attention[0].attn_qkv.out_features // 3 if attention else 0
+    return FlopModel(token, sequence, output.weight.numel(), len(attention), width)
+
+
+def step_flops(fm: FlopModel, sequences: float, length: int, output_rows: float) -> float:
+    """Model FLOPs of one training step (forward + backward) over ``sequences`` sequences of ``length``.
+
+    With P_tok, P_seq, P_out = D V the weights of :class:`FlopModel`, n_attn attention layers of
+    width D, S sequences of length L and N_out rows through the output layer::
+
+        FLOPs = 6 (P_tok S L + P_seq S + P_out N_out) + 12 n_attn L D S L
+
+    A multiply-add is 2 FLOPs and the backward pass costs twice the forward (gradients of the
+    inputs and of the weights), hence 6 per weight and row. Attention forward is q k^T and the
+    weighted sum of v, 2 L D each per query, so 4 L D per token and layer, 12 L D with the
+    backward. N_out is what the DiT computes: the 50k-vocabulary projection runs at masked
+    positions only (``output_mask``), about half of them under the loglinear schedule; the
+    DiMamba has no ``output_mask``, so there N_out = S L. Model FLOPs, not hardware FLOPs:
+    recomputation (the PyTorch scan's checkpoint, flash-attn's backward) is not counted, nor
+    are norms, activations, softmax, rotary, the Mamba scan and convolution, the optimizer and
+    the EMA (elementwise, a few percent of the total for the DiT).
+    """
+    tokens = sequences * length
+    dense = fm.token_params * tokens + fm.sequence_params * sequences + fm.output_params * output_rows
+    return 6.0 * dense + 12.0 * fm.attention_layers * length * fm.attention_width * tokens
+
+
+@contextlib.contextmanager
+def count_forward_rows(model: DiT | DiMamba) -> Iterator[dict[str, int]]:
+    """Count what ``model`` computes while the block runs: sequences, their length, output-layer rows.
+
+    Forward hooks read shapes only (no GPU synchronisation): ``sequences`` sums B over the
+    model's forward calls, ``length`` is the last call's L, ``output_rows`` sums the rows of the
+    output layer's result ((B, L, V) -> B L; (N, V) under ``output_mask`` -> N).
+    """
+    counts = {"sequences": 0, "length": 0, "output_rows": 0}
+
+    def on_model(module: nn.Module, args: tuple[Any, ...]) -> None:
+        counts["sequences"] += args[0].shape[0]  # indices (B, L)
+        counts["length"] = args[0].shape[1]
+
+    def on_output(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
+        counts["output_rows"] += out.shape[:-1].numel()
+
+    handles = [model.register_forward_pre_hook(on_model), model.output_layer.register_forward_hook(on_output)]
+    try:
+        yield counts
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def measure_matmul_peak(device: torch.device, size: int, dtype: torch.dtype) -> float:
+    """FLOP/s of a (size x size) @ (size x size) matmul in ``dtype``: 2 size^3 FLOPs per product.
+
+    One untimed warm-up, then :data:`PEAK_REPEATS` timed repeats of :data:`PEAK_INNER` products
+    each; the median repeat counts. What the hardware and the BLAS library reach here, the
+    ceiling a model's matmuls can approach.
+    """
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    out = torch.empty_like(a)
+    inner = PEAK_INNER[device.type]
+    torch.matmul(a, b, out=out)
+    seconds = []
+    for _ in range(PEAK_REPEATS):
+        with timer(device) as elapsed:
+            for _ in range(inner):
+                torch.matmul(a, b, out=out)
+        seconds.append(elapsed[0])
+    return 2.0 * size**3 * inner / statistics.median(seconds)
+
+
+def nominal_bf16_tflops(device_name: str) -> float | None:
+    """The data-sheet dense bf16 peak of a GPU named ``device_name`` (:data:`NOMINAL_BF16_TFLOPS`), or None."""
+    for pattern, tflops in NOMINAL_BF16_TFLOPS:
+        if pattern.lower() in device_name.lower():
+            return tflops
+    return None
+
+
+@dataclass
+class Peak:
+    dtype: str
+    size: int
+    tflops: float  # measured
+    nominal_tflops: float | None  # data sheet, CUDA only
+
+
+def measure_peak(args: argparse.Namespace, device: torch.device) -> Peak:
+    dtype = PEAK_DTYPE[device.type]
+    nominal = nominal_bf16_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    return Peak(str(dtype).removeprefix("torch."), args.peak_size,
+                measure_matmul_peak(device, args.peak_size, dtype) / 1e12, nominal)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataResult:
+    source: str
+    batches: int  # timed
+    ms_per_batch: float
+
+
+def build_data(args: argparse.Namespace) -> tuple[Any, str]:
+    """The data object ``--data-text`` names (TextFiles), else the built-in corpus (SyntheticData)."""
+    # Imported here, not at the top: the data stack (transformers, datasets) would cost every
+    # training subprocess, which never loads data, seconds of import.
+    from dataloader import SyntheticData, TextFiles
+
+    if args.data_text is not None:
+        # valid_path: no validation split is held out (only the training loader is timed)
+        data = TextFiles(train_path=str(args.data_text), valid_path=str(args.data_text),
+                         tokenizer_name_or_path=args.tokenizer, block_size=args.train_length)
+        return data, f"text {args.data_text}, tokenizer {args.tokenizer}"
+    blocks = (DATA_BATCHES + 1) * args.train_batch  # the batches it times; the corpus is generated up front
+    return SyntheticData(block_size=args.train_length, num_train_sequences=blocks, num_valid_sequences=1,
+                         seed=args.seed), "built-in synthetic corpus"
+
+
+def measure_data(args: argparse.Namespace, device: torch.device) -> DataResult:
+    """Mean time to get one training batch (B, L) onto ``device`` through ``dataloader.DataModule``.
+
+    What the training loop waits for per step with the default ``loader.num_workers=0``: the
+    loader's next batch (shuffled sampler, collation), the DataModule's padding check and the
+    host-to-device copy. The data set is built and the first batch fetched before timing.
+    """
+    from dataloader import DataModule  # see build_data
+
+    data, source = build_data(args)
+    module = DataModule(data, batch_size=args.train_batch, eval_batch_size=args.train_batch,
+                        pin_memory=device.type == "cuda", seed=args.seed)
+    loader = module.train_dataloader()
+    if len(loader) < 2:
+        raise ValueError(f"{source}: fewer than 2 batches of {args.train_batch} x {args.train_length} tokens")
+    batches = iter(loader)
+
+    def fetch() -> None:
+        batch = module.on_before_batch_transfer(next(batches), 0)
+        batch["input_ids"].to(device, non_blocking=True)
+
+    fetch()
+    timed = min(DATA_BATCHES, len(loader) - 1)
+    with timer(device) as elapsed:
+        for _ in range(timed):
+            fetch()
+    return DataResult(source, timed, 1000 * elapsed[0] / timed)
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -165,6 +373,12 @@ class TrainResult:
     ms_per_step: float
     peak_mib: float
     baseline_mib: float  # peak RSS / allocated memory before the model was built
+    output_rows_per_token: float  # rows through the output layer / positions (masked fraction for the DiT)
+    flops_per_step: float  # model FLOPs, :func:`step_flops`
+
+    def tflops(self) -> float:
+        """Achieved model TFLOP/s."""
+        return self.flops_per_step / (self.ms_per_step / 1000) / 1e12
 
 
 def measure_training(size: str, args: argparse.Namespace, device: torch.device) -> TrainResult:
@@ -195,10 +409,11 @@ def measure_training(size: str, args: argparse.Namespace, device: torch.device) 
 
     for _ in range(args.warmup):
         step()
-    with timer(device) as elapsed:
+    with count_forward_rows(model) as counts, timer(device) as elapsed:
         for _ in range(args.timed_steps):
             step()
     seconds = elapsed[0]
+    sequences, rows = counts["sequences"] / args.timed_steps, counts["output_rows"] / args.timed_steps  # per step
     peak = torch.cuda.max_memory_allocated(device) / MIB if device.type == "cuda" else peak_rss_mib()
     return TrainResult(
         size=size,
@@ -209,6 +424,8 @@ def measure_training(size: str, args: argparse.Namespace, device: torch.device) 
         ms_per_step=1000 * seconds / args.timed_steps,
         peak_mib=peak,
         baseline_mib=baseline,
+        output_rows_per_token=rows / (sequences * counts["length"]),
+        flops_per_step=step_flops(flop_model(model), sequences, counts["length"], rows),
     )
 
 
@@ -286,9 +503,29 @@ def device_description(device: torch.device) -> str:
     return f"CPU: {name or platform.machine()}, {cores} cores, {torch.get_num_threads()} torch threads"
 
 
+def command_line(argv: list[str]) -> str:
+    return shlex.join([Path(sys.executable).name, *argv])
+
+
+def now() -> str:
+    return datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+
+
+def three_digits(x: float) -> str:
+    """``x`` with 3 significant digits, without an exponent from 100 on (700, 1,200; 0.0123)."""
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def peak_description(peak: Peak, device: torch.device) -> str:
+    measured = (f"{three_digits(peak.tflops)} TFLOP/s ({peak.dtype}, {peak.size} x {peak.size} matmul, "
+                f"median of {PEAK_REPEATS} x {PEAK_INNER[device.type]})")
+    if device.type != "cuda":
+        return measured
+    nominal = "not in the table" if peak.nominal_tflops is None else f"{peak.nominal_tflops:,.0f} TFLOP/s"
+    return f"{measured}; nominal dense bf16 peak: {nominal}"
+
+
 def header(device: torch.device, argv: list[str]) -> str:
-    command = shlex.join([Path(sys.executable).name, *argv])
-    now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     return "\n".join([
         "# MDLM benchmark",
         "",
@@ -296,29 +533,82 @@ def header(device: torch.device, argv: list[str]) -> str:
         f"- torch: {torch.__version__}",
         f"- flash-attn: {'available' if FLASH_ATTN_AVAILABLE else 'not available (PyTorch SDPA)'}",
         f"- mamba-ssm (DiMamba sizes): {'available' if MAMBA_SSM_AVAILABLE else 'not available (PyTorch scan)'}",
-        f"- date: {now}",
-        f"- command: `{command}`",
+        f"- date: {now()}",
+        f"- command: `{command_line(argv)}`",
     ])
 
 
-def training_section(results: list[TrainResult], args: argparse.Namespace, device: torch.device) -> str:
+def json_report(args: argparse.Namespace, device: torch.device, argv: list[str], peak: Peak, data: DataResult,
+                train: list[TrainResult], sample: list[SampleResult]) -> dict[str, Any]:
+    """Every number of the run, for ``--json`` (and ``bench/gpu_check.sh``): one dict, JSON-serialisable."""
+    settings = {key: getattr(args, key) for key in (
+        "vocab", "seed", "train_sizes", "train_length", "train_batch", "warmup", "timed_steps",
+        "sample_size", "sample_length", "sample_batch", "steps", "peak_size")}
+    return {
+        "device": device_description(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "flash_attn": FLASH_ATTN_AVAILABLE,
+        "mamba_ssm": MAMBA_SSM_AVAILABLE,
+        "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "date": now(),
+        "command": command_line(argv),
+        "settings": settings,
+        "matmul_peak": asdict(peak),
+        "data": asdict(data),
+        "training": training_rows(train, peak, data),
+        "sampling": [{**asdict(r), "size": args.sample_size, "length": args.sample_length,
+                      "batch": args.sample_batch} for r in sample],
+    }
+
+
+def training_rows(results: list[TrainResult], peak: Peak, data: DataResult) -> list[dict[str, Any]]:
+    """Each result with its achieved TFLOP/s, MFU (vs the measured and the nominal peak) and data / step."""
+    rows = []
+    for r in results:
+        tflops = r.tflops()
+        rows.append({**asdict(r), "tflops": tflops, "mfu": tflops / peak.tflops,
+                     "mfu_nominal": None if peak.nominal_tflops is None else tflops / peak.nominal_tflops,
+                     "data_to_step": data.ms_per_batch / r.ms_per_step})
+    return rows
+
+
+def training_section(results: list[TrainResult], args: argparse.Namespace, device: torch.device, peak: Peak,
+                     data: DataResult) -> str:
     memory = "peak memory (max allocated, MiB)" if device.type == "cuda" else "peak RSS (MiB)"
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
-    rows = [[r.size, f"{r.params / 1e6:.1f}", f"{r.batch} x {r.length}", f"{r.tokens_per_s:,.0f}",
-             f"{r.ms_per_step:,.1f}", f"{r.peak_mib:,.0f}"] for r in results]
+    nominal = device.type == "cuda"
+    columns = (*TRAIN_COLUMNS, *((NOMINAL_COLUMN,) if nominal else ()), DATA_COLUMN, memory)
+    rows = []
+    for r in training_rows(results, peak, data):
+        mfu_nominal = "-" if r["mfu_nominal"] is None else f"{r['mfu_nominal']:.1%}"
+        rows.append([r["size"], f"{r['params'] / 1e6:.1f}", f"{r['batch']} x {r['length']}",
+                     f"{r['tokens_per_s']:,.0f}", f"{r['ms_per_step']:,.1f}", f"{r['output_rows_per_token']:.2f}",
+                     f"{r['flops_per_step'] / 1e9:,.1f}", three_digits(r["tflops"]), f"{r['mfu']:.1%}",
+                     *([mfu_nominal] if nominal else []), f"{r['data_to_step']:.2g}", f"{r['peak_mib']:,.0f}"])
     baseline = ", ".join(f"{r.size} {r.baseline_mib:,.0f}" for r in results)
     notes = [
         f"One step = MDLM loss ({precision}) on random token ids (vocab {args.vocab}), backward, "
         f"grad-norm clip {GRAD_CLIP}, AdamW, EMA update; {args.warmup} warm-up + {args.timed_steps} timed steps, "
         "each size in a fresh subprocess.",
         "Non-embedding parameters exclude the token embedding (V x D) and the output projection (D x V, + V for DiT).",
+        "GFLOP/step: model FLOPs of forward + backward, 6 (P_tok B L + P_seq B + D V N_out) + 12 n_attn L D B L "
+        "(bench/benchmark.py step_flops); output rows / token = N_out / (B L), the positions the output layer ran "
+        "at (the DiT: masked positions only). TFLOP/s = GFLOP/step / step time; MFU = TFLOP/s / matmul peak "
+        f"(measured, {peak.dtype})" + (", and / the data-sheet dense bf16 peak." if nominal else "."),
+        f"data / step: fetching one {args.train_batch} x {args.train_length} batch through dataloader.DataModule "
+        f"({data.source}, {data.ms_per_batch:.3f} ms, mean of {data.batches}, with the copy to the device) "
+        "over the step time; the training loop pays it every step (loader.num_workers=0).",
     ]
     if device.type == "cpu":
         notes.append(f"Peak RSS includes the Python/torch runtime; peak RSS before building the model: {baseline} MiB.")
     return "\n".join([
         "## Training throughput",
         "",
-        markdown_table((*TRAIN_COLUMNS, memory), rows),
+        f"matmul peak (measured): {peak_description(peak, device)}",
+        "",
+        markdown_table(columns, rows),
         "",
         *(f"- {note}" for note in notes),
     ])
@@ -360,6 +650,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=DEFAULT_VOCAB, help="vocabulary size, mask token included")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="Markdown file (default bench_results/benchmark_<device>.md)")
+    parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
+    parser.add_argument("--peak-size", type=int,
+                        help="side of the square matmul timed as the peak (4096 / 2048; 512 with --quick)")
     group = parser.add_argument_group("training (per-device defaults: cuda / cpu)")
     group.add_argument("--train-sizes", help="comma-separated names from configs/model/ (tiny,small; "
                        "tiny-dimamba for the bidirectional Mamba)")
@@ -367,6 +660,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     group.add_argument("--train-batch", type=int, help="batch size (16 / 4)")
     group.add_argument("--warmup", type=int, help="untimed warm-up steps (5 / 2)")
     group.add_argument("--timed-steps", type=int, help="timed steps (20 / 5)")
+    group.add_argument("--data-text", type=Path, help="time the data loader on this text file or folder "
+                       "(dataloader.TextFiles); default: the built-in synthetic corpus")
+    group.add_argument("--tokenizer", default="gpt2", help="tokenizer name or folder for --data-text (gpt2)")
     group = parser.add_argument_group("sampling (per-device defaults: cuda / cpu)")
     group.add_argument("--sample-size", help="name from configs/model/ (tiny / micro)")
     group.add_argument("--sample-length", type=int, help="sequence length (1024 / 128)")
@@ -388,7 +684,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for size in [*args.train_sizes, args.sample_size]:
         if size not in model_sizes():
             parser.error(f"unknown model size {size!r}; valid sizes: {', '.join(model_sizes())}")
-    positive = ("vocab", "train_length", "train_batch", "timed_steps", "sample_length", "sample_batch")
+    positive = ("vocab", "train_length", "train_batch", "timed_steps", "sample_length", "sample_batch", "peak_size")
     for key in positive:
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
@@ -413,18 +709,28 @@ def main(argv: list[str]) -> None:
         print(json.dumps(asdict(measure_training(args.one_train, args, device))))
         return
 
-    sections = [header(device, [sys.argv[0], *argv])]
+    command = [sys.argv[0], *argv]
+    sections = [header(device, command)]
     print(sections[0] + "\n", flush=True)
     train_results = [train_in_subprocess(size, args) for size in args.train_sizes]
-    sections.append(training_section(train_results, args, device))
+    # After the subprocesses: on Linux a child's peak RSS starts from its parent's, so the parent
+    # stays small until they are done (the data set and the peak's matrices would count in theirs).
+    peak, data = measure_peak(args, device), measure_data(args, device)
+    sections.append(training_section(train_results, args, device, peak, data))
     print(sections[-1] + "\n", flush=True)
-    sections.append(sampling_section(measure_sampling(args, device), args, device))
+    sample_results = measure_sampling(args, device)
+    sections.append(sampling_section(sample_results, args, device))
     print(sections[-1], flush=True)
 
     out = args.out or default_out(device)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n\n".join(sections) + "\n")
     print(f"\nwrote {out}")
+    if args.json is not None:
+        report = json_report(args, device, command, peak, data, train_results, sample_results)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

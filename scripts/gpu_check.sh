@@ -1,10 +1,7 @@
 #!/usr/bin/env bash
-# Everything that needs CUDA, in one run: the `-m gpu` tests (bf16 vs fp32, flash-attn vs SDPA,
-# mamba-ssm vs the PyTorch scan, FSDP with a sharded EMA: train, resume, evaluate).
-# Run it on a GPU node with the environment set up (requirements.yaml):
-#   bash scripts/gpu_check.sh            # prints the GPU, versions, then the test results
+# Kept for the commands that name it: runs bench/gpu_check.sh (the `-m gpu` tests, then training MFU and
+# sampling speed on the GPU, all written to bench_results/gpu_check.json), with the same arguments:
+#   bash scripts/gpu_check.sh            # = bash bench/gpu_check.sh
+#   bash scripts/gpu_check.sh --dry-run --out /tmp/gpu_check.json   # CPU, toy sizes, seconds
 set -euo pipefail
-cd "$(dirname "$0")/.."
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count())"
-python -m pytest -m gpu -q -rs -p no:cacheprovider tests/ "$@"
+exec bash "$(dirname "$0")/../bench/gpu_check.sh" "$@"
