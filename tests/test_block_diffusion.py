@@ -420,21 +420,33 @@ def test_train_evaluate_and_sample_from_the_command_line(tmp_path, eval_lm) -> N
 
 
 def test_fine_tuning_starts_from_an_mdlm_checkpoint(tmp_path) -> None:
-    """training.from_pretrained: BD3-LM starts from an MDLM run's EMA weights (lr 0 keeps them), sizes must match."""
-    from test_main_e2e import run_main
+    """training.from_pretrained: a BD3-LM starts from an MDLM checkpoint's EMA weights; the sizes must match."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from test_checkpoints import SYNTHETIC_VOCAB, save_trained_checkpoint
+    from test_main_e2e import ROOT, TINY
 
-    from checkpoints import load_checkpoint
+    import main
+    from config_aliases import translate
 
-    run_main(tmp_path / "mdlm", "trainer.max_steps=4", "wandb.mode=disabled", "sampling.num_sample_log=0")
-    pretrained = tmp_path / "mdlm" / "checkpoints" / "last.ckpt"
-    proc = run_main(tmp_path / "bd3lm", "algorithm=bd3lm", "block_size=4", f"training.from_pretrained={pretrained}",
-                    "optim.lr=0", "trainer.max_steps=2", "wandb.mode=disabled", "sampling.num_sample_log=0")
-    assert f"Starting from the EMA weights of ours checkpoint {pretrained}" in proc.stdout
-    before, after = load_checkpoint(pretrained), load_checkpoint(tmp_path / "bd3lm" / "checkpoints" / "last.ckpt")
-    names = [k for k in before.state_dict if k != "backbone.rotary_emb.inv_freq"]
-    start = before.weights(names)
-    for name, shadow in zip(names, after.ema["shadow_params"], strict=True):
-        assert torch.equal(after.state_dict[name], start[name]) and torch.equal(shadow, start[name]), name
-    with pytest.raises(AssertionError, match="Give the model sizes it was trained with"):
-        run_main(tmp_path / "bad", "algorithm=bd3lm", "block_size=4", f"training.from_pretrained={pretrained}",
-                 "model.hidden_size=64", "trainer.max_steps=2", "wandb.mode=disabled")
+    pretrained = save_trained_checkpoint(tmp_path, [])  # an MDLM, with an EMA ...
+    checkpoint = torch.load(pretrained, weights_only=True)
+    ema = [torch.randn_like(t) for t in checkpoint["ema"]["shadow_params"]]  # ... that differs from its weights
+    checkpoint["ema"]["shadow_params"] = ema
+    torch.save(checkpoint, pretrained)
+
+    def bd3lm(*overrides: str):
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+            cfg = compose("config", overrides=translate([*TINY, f"checkpointing.save_dir={tmp_path}", "algorithm=bd3lm",
+                                                         "block_size=4", f"training.from_pretrained={pretrained}",
+                                                         *overrides]))
+        return cfg, main.build_module(cfg, SYNTHETIC_VOCAB, SYNTHETIC_VOCAB - 1)
+
+    cfg, module = bd3lm()
+    main.init_from_pretrained(cfg, module, SYNTHETIC_VOCAB)
+    assert type(module.algorithm).__name__ == "BD3LM" and OmegaConf.select(cfg, "training.from_pretrained")
+    for p, shadow, start in zip(module.trainable_parameters(), module.ema.shadow_params, ema, strict=True):
+        assert torch.equal(p, start) and torch.equal(shadow, start)  # the EMA weights, and a fresh EMA of them
+    cfg, module = bd3lm("model.hidden_size=64")
+    with pytest.raises(ValueError, match="Give the model sizes it was trained with"):
+        main.init_from_pretrained(cfg, module, SYNTHETIC_VOCAB)
