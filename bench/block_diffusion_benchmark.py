@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import shlex
 import sys
@@ -93,10 +94,11 @@ def main(argv: list[str]) -> None:
     print(rows[-1], flush=True)
     per = 1024 / args.length
     threads = torch.get_num_threads()
+    env = "".join(f"{k}={os.environ[k]} " for k in ("OMP_NUM_THREADS",) if k in os.environ)
     lines = [
         "# BD3-LM sampling speed: with and without the KV cache, against MDLM",
         "",
-        f"Command: `{shlex.join(['python', 'bench/block_diffusion_benchmark.py', *argv])}`",
+        f"Command: `{env}{shlex.join(['python', 'bench/block_diffusion_benchmark.py', *argv])}`",
         f"Date: {datetime.date.today().isoformat()}; CPU ({platform.processor() or platform.machine()}, "
         f"{threads} threads), torch {torch.__version__}, fp32.",
         f"Model: a randomly perturbed `{args.size}` DiT, vocabulary {args.vocab:,}; one sample of {args.length:,} "
