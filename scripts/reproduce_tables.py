@@ -176,14 +176,8 @@ def main() -> None:
         "",
         HEADER,
     ]
-    results = {}
-    for run in MODELS:
-        print(f"[reproduce] training {run.name} ...", flush=True)
-        results[run.name] = train_and_eval(run, common, out_dir)
-        lines.append(fmt_row(run.name, results[run.name]))
-        print(lines[-1], flush=True)
-    order = sorted(results, key=lambda k: results[k]["nll"])
-    lines += ["", f"Measured order (lowest NLL first): {' < '.join(order)}.", ""]
+    results = train_rows(MODELS, common, out_dir, lines)
+    lines.append("")
 
     lines += ["## MDLM ablation (paper, LM1B: 27.04 / 27.19 / 28.56 / 28.51)", "", HEADER,
               fmt_row("MDLM (continuous time)", results["MDLM"])]
@@ -203,11 +197,28 @@ def main() -> None:
     minutes = (time.perf_counter() - started) / 60
     lines += ["", f"Total run time: {minutes:.1f} min. Standard errors are over validation sequences "
               "(one time sample per sequence for the diffusion bounds)."]
+    write_table(lines, args.out, results)
+
+
+def train_rows(runs: list[Run], common: list[str], out_dir: Path, lines: list[str]) -> dict[str, dict]:
+    """Train and evaluate each run, appending its row and then the measured order to ``lines``."""
+    results = {}
+    for run in runs:
+        print(f"[reproduce] training {run.name} ...", flush=True)
+        results[run.name] = train_and_eval(run, common, out_dir)
+        lines.append(fmt_row(run.name, results[run.name]))
+        print(lines[-1], flush=True)
+    order = sorted(results, key=lambda k: results[k]["nll"])
+    lines += ["", f"Measured order (lowest NLL first): {' < '.join(order)}."]
+    return results
+
+
+def write_table(lines: list[str], out: Path, results: dict[str, dict]) -> None:
     text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
     print(text)
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     if not all(math.isfinite(r["nll"]) for r in results.values()):
         raise SystemExit("a run produced a non-finite NLL")
 
@@ -228,24 +239,12 @@ def block_diffusion_table(args: argparse.Namespace, b: dict, data_name: str, com
         "",
         HEADER,
     ]
-    results = {}
-    for run in BLOCK_DIFFUSION:
-        print(f"[reproduce] training {run.name} ...", flush=True)
-        results[run.name] = train_and_eval(run, common, out_dir)
-        lines.append(fmt_row(run.name, results[run.name]))
-        print(lines[-1], flush=True)
-    order = sorted(results, key=lambda k: results[k]["nll"])
+    results = train_rows(BLOCK_DIFFUSION, common, out_dir, lines)
     minutes = (time.perf_counter() - started) / 60
-    lines += ["", f"Measured order (lowest NLL first): {' < '.join(order)}.", "",
+    lines += ["",
               f"Total run time: {minutes:.1f} min. Standard errors are over validation sequences (one time sample "
               "per block for the diffusion bounds)."]
-    text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
-    print(f"wrote {args.out}")
-    if not all(math.isfinite(r["nll"]) for r in results.values()):
-        raise SystemExit("a run produced a non-finite NLL")
+    write_table(lines, args.out, results)
 
 
 if __name__ == "__main__":
