@@ -210,10 +210,11 @@ def subs_nelbo_at_masks(backbone: Any, xt: Tensor, sigma: Tensor, x0: Tensor, ma
 def subs_nelbo_of_rows(rows: Tensor, x0: Tensor, masked: Tensor, mask_index: int, weight: Tensor) -> Tensor:
     """:func:`subs_nelbo` (B, L) from the logits ``rows`` (N, V) of the N masked positions (``masked`` (B, L)
     bool, row-major order); ``weight`` (B,) per sequence or (B, L) per token."""
+    index = masked.nonzero(as_tuple=True)  # the N positions, in row-major order (one host sync)
     rows = zero_mask_logit(rows, mask_index)                                     # (N, V)
-    log_p = rows.gather(-1, x0[masked][:, None]).squeeze(-1) - rows.logsumexp(-1)  # (N,)
-    weights = (weight[:, None] if weight.ndim == 1 else weight).expand(masked.shape)[masked]  # (N,)
-    return torch.zeros(masked.shape, dtype=log_p.dtype, device=x0.device).masked_scatter(masked, -log_p * weights)
+    log_p = rows.gather(-1, x0[index][:, None]).squeeze(-1) - rows.logsumexp(-1)  # (N,)
+    weights = weight[index[0]] if weight.ndim == 1 else weight[index]            # (N,)
+    return torch.zeros(masked.shape, dtype=log_p.dtype, device=x0.device).index_put(index, -log_p * weights)
 
 
 def subs_log_probs_of_rows(rows: Tensor, xt: Tensor, mask_index: int) -> Tensor:

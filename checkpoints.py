@@ -134,9 +134,7 @@ class LoadedCheckpoint:
     @property
     def backbone_kind(self) -> str:
         """``"dit"`` or ``"ar"`` (else the backbone class name, lower case), from the config's ``_target_``."""
-        target = self.config.get("backbone", {}).get("_target_", "")
-        kinds = {t: k for k, t in BACKBONE_TARGETS.items()}
-        return kinds.get(target, target.rpartition(".")[2].lower() or weights_kind(self.state_dict))
+        return backbone_kind(self.config.get("backbone", {}).get("_target_", "")) or weights_kind(self.state_dict)
 
     @property
     def parameterization(self) -> str | None:
@@ -177,6 +175,12 @@ class LoadedCheckpoint:
                 )
             weights[name] = shadow
         return weights
+
+
+def backbone_kind(target: str) -> str:
+    """``"dit"`` or ``"ar"`` for a backbone config's ``_target_``, else the class name in lower case ("" for "")."""
+    kinds = {t: k for k, t in BACKBONE_TARGETS.items()}
+    return kinds.get(target, target.rpartition(".")[2].lower())
 
 
 def weights_kind(state_dict: dict[str, Tensor]) -> str:

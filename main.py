@@ -460,8 +460,7 @@ def init_from_pretrained(cfg: DictConfig, module: Diffusion, vocab_size: int) ->
     """
     source = str(cfg.training.from_pretrained)
     loaded = load_checkpoint(source, trust_remote_code=bool(cfg.eval.get("trust_remote_code")))
-    target = cfg.backbone._target_
-    kind = {t: k for k, t in checkpoints.BACKBONE_TARGETS.items()}.get(target, target.rpartition(".")[2].lower())
+    kind = checkpoints.backbone_kind(cfg.backbone._target_)
     if loaded.backbone_kind != kind or loaded.causal != module.algorithm.causal:
         raise ValueError(f"training.from_pretrained={source} holds {loaded.backbone_kind} weights "
                          f"({'causal' if loaded.causal else 'bidirectional'}), which algorithm="

@@ -718,7 +718,8 @@ class DiT(nn.Module):
         if output_mask is not None:
             if output_mask.shape != indices.shape:
                 raise ValueError(f'output_mask must be (B, L) = {tuple(indices.shape)}, got {tuple(output_mask.shape)}')
-            return self.output_layer(x[output_mask], c, output_mask.nonzero()[:, 0])  # (N, V)
+            rows = output_mask.nonzero(as_tuple=True)  # one host sync (N is data-dependent)
+            return self.output_layer(x[rows], c, rows[0])  # (N, V)
         return self.output_layer(x, c)  # (B, L, V)
 
     def new_cache(self, window: int | None = None) -> KVCache:
