@@ -197,6 +197,16 @@ def subs_log_probs_at_masks(backbone: Any, xt: Tensor, sigma: Tensor, mask_index
     return subs_log_probs_of_rows(backbone(xt, sigma, output_mask=xt == mask_index, **kwargs), xt, mask_index)
 
 
+def subs_log_probs_at_rows(backbone: Any, xt: Tensor, sigma: Tensor, rows: Tensor, mask_index: int,
+                           **kwargs: Any) -> Tensor:
+    """:func:`subs_log_probs` of ``backbone(xt, sigma)`` at the N positions where ``rows`` (B, L) is True, which
+    must be masked in ``xt``: (N, V) float32, row-major order. The output layer runs at those rows only when the
+    backbone allows it. ``kwargs`` go to the backbone."""
+    if not selects_outputs(backbone):
+        return subs_log_probs(backbone(xt, sigma, **kwargs), xt, mask_index)[rows]
+    return zero_mask_logit(backbone(xt, sigma, output_mask=rows, **kwargs), mask_index).log_softmax(dim=-1)
+
+
 def subs_nelbo_at_masks(backbone: Any, xt: Tensor, sigma: Tensor, x0: Tensor, mask_index: int, weight: Tensor,
                         **kwargs: Any) -> Tensor:
     """:func:`subs_nelbo` of ``backbone(xt, sigma)`` (B, L), with the output layer run only at masked positions
@@ -563,13 +573,17 @@ class MaskedDiffusion(Algorithm):
         """``(xt, sigma) -> log p_theta(x0 | xt)`` in SUBS form (zero mask probability, carry-over).
 
         Its attribute ``time_conditioned`` tells samplers whether the output depends on sigma
-        (``ddpm_cache`` reuses it across steps only when it does not).
+        (``ddpm_cache`` reuses it across steps only when it does not). It selects rows
+        (``rows=``: the (N, V) log-probs of N masked positions only; see ``samplers.Denoiser``).
         """
 
-        def denoise(xt: Tensor, sigma: Tensor) -> Tensor:
+        def denoise(xt: Tensor, sigma: Tensor, rows: Tensor | None = None) -> Tensor:
+            if rows is not None:
+                return subs_log_probs_at_rows(backbone, xt, self.conditioning(sigma), rows, self.mask_index)
             return subs_log_probs_at_masks(backbone, xt, self.conditioning(sigma), self.mask_index)
 
         denoise.time_conditioned = self.time_conditioning  # type: ignore[attr-defined]
+        denoise.selects_rows = True  # type: ignore[attr-defined]
         return denoise
 
     def sampler_inputs(self) -> dict[str, Any]:

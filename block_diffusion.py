@@ -41,9 +41,11 @@ from algorithms import (
     selects_outputs,
     subs_log_probs,
     subs_log_probs_at_masks,
+    subs_log_probs_at_rows,
     subs_log_probs_of_rows,
     subs_nelbo,
     subs_nelbo_of_rows,
+    zero_mask_logit,
 )
 from noise_schedule import NoiseSchedule
 from samplers import SampleOutput, Sampler
@@ -328,25 +330,34 @@ class BD3LM(MaskedDiffusion):
         The network sees [prefix ; block] (the prefix clean, a whole number of blocks) under the
         block-causal mask, and sigma = 0 (no time conditioning).
         """
-        def denoise(xt: Tensor, sigma: Tensor) -> Tensor:
+        def denoise(xt: Tensor, sigma: Tensor, rows: Tensor | None = None) -> Tensor:
             x = torch.cat([prefix, xt], dim=1)  # (B, P + L')
             mask = block_causal_mask(x.shape[1], self.block_size, x.device)  # (S, S)
-            if selects_outputs(backbone):  # the output layer only at the block's masked positions
-                wanted = torch.cat([torch.zeros_like(prefix, dtype=torch.bool), xt == self.mask_index], dim=1)
-                rows = backbone(x, torch.zeros_like(sigma), attn_mask=mask, output_mask=wanted)  # (N, V)
-                return subs_log_probs_of_rows(rows, xt, self.mask_index)
+            if selects_outputs(backbone):  # the output layer only at the block's masked (or asked) positions
+                wanted = torch.cat([torch.zeros_like(prefix, dtype=torch.bool),
+                                    xt == self.mask_index if rows is None else rows], dim=1)
+                logits = backbone(x, torch.zeros_like(sigma), attn_mask=mask, output_mask=wanted)  # (N, V)
+                if rows is not None:
+                    return zero_mask_logit(logits, self.mask_index).log_softmax(dim=-1)
+                return subs_log_probs_of_rows(logits, xt, self.mask_index)
             logits = backbone(x, torch.zeros_like(sigma), attn_mask=mask)[:, prefix.shape[1]:]  # (B, L', V)
-            return subs_log_probs(logits, xt, self.mask_index)
+            log_p = subs_log_probs(logits, xt, self.mask_index)
+            return log_p if rows is None else log_p[rows]
 
         denoise.time_conditioned = False  # type: ignore[attr-defined]
+        denoise.selects_rows = True  # type: ignore[attr-defined]
         return denoise
 
     def cached_denoiser(self, backbone: nn.Module, cache: Any) -> Denoiser:
         """:meth:`block_denoiser` reading the prefix's keys and values from ``cache`` (``models.dit.KVCache``)."""
-        def denoise(xt: Tensor, sigma: Tensor) -> Tensor:
+        def denoise(xt: Tensor, sigma: Tensor, rows: Tensor | None = None) -> Tensor:
+            if rows is not None:
+                return subs_log_probs_at_rows(backbone, xt, torch.zeros_like(sigma), rows, self.mask_index,
+                                              cache=cache)
             return subs_log_probs_at_masks(backbone, xt, torch.zeros_like(sigma), self.mask_index, cache=cache)
 
         denoise.time_conditioned = False  # type: ignore[attr-defined]
+        denoise.selects_rows = True  # type: ignore[attr-defined]
         return denoise
 
     semi_ar = False  # longer samples are more blocks

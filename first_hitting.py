@@ -14,6 +14,8 @@ positions, chosen uniformly, takes a token from ``p_theta(x_0 | x_t)`` evaluated
 discretisation: with the exact denoiser the output follows the data distribution exactly, and
 the number of network calls (NFE) is the number of masked positions. With a network that does
 not read the time (MDLM's default), it is token-by-token decoding in a uniformly random order.
+The positions are chosen before the call, so a denoiser that selects rows (the DiT's) runs its
+output layer at those positions only.
 
 ``tokens_per_step = k > 1`` unmasks k positions per call, all drawn from the same call's
 ``p_theta`` (independently given the state), and moves the clock past k unmasking times:
@@ -95,11 +97,13 @@ class FirstHittingSampler(DiffusionSampler):
             n = left.clamp_min(1).to(self.dtype)
             u = torch.rand(batch, dtype=self.dtype, device=device, generator=generator)
             m = torch.where(active, m * u.pow(1.0 / n), m)  # the next unmasking time of each active row
-            log_p = self._call_sigma(denoiser, x, self._sigma(m))  # (B, L, V)
-            nfe += 1
             k = torch.minimum(left, torch.full_like(left, self.tokens_per_step))  # (B,) positions this call
             chosen = self._choose(masked, k, generator)  # (B, L) bool, k per active row, uniformly
-            x[chosen] = self._draw(log_p[chosen], generator)
+            # The network's output only at the chosen positions (when the denoiser selects rows).
+            log_p = self._call_rows(denoiser, x, self._sigma(m), chosen)  # (N, V)
+            nfe += 1
+            x = x.clone()
+            x[chosen] = self._draw(log_p, generator)
             masked &= ~chosen
             left = left - k
             # k > 1: the clock moves past the other k - 1 unmasking times of this call.

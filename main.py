@@ -147,6 +147,7 @@ def build_module(cfg: DictConfig, vocab_size: int, mask_index: int, special_ids:
         betas=(cfg.optim.beta1, cfg.optim.beta2),
         eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay,
+        fused=bool(cfg.optim.fused) or None,
     )
     return Diffusion(
         backbone=backbone,

@@ -58,6 +58,12 @@ Denoiser = Callable[[Tensor, Tensor], Tensor]
 
 The output is already SUBS-parameterised: the mask token has probability 0 and unmasked
 positions are a one-hot on their current token.
+
+A denoiser whose attribute ``selects_rows`` is true also takes ``rows=`` (B, L) bool, True at
+masked positions only, and then returns the (N, V) log-probs of those N positions alone, in
+row-major order (``denoiser(x_t, sigma)[rows]``, without computing the others: the network's
+output layer runs at N rows). Samplers that need a few positions per call use it
+(:func:`call_rows`); the others see the (B, L, V) output.
 """
 
 # dtype of the sigma handed to the denoiser; the network's time embedding runs in float32.
@@ -173,6 +179,11 @@ def reads_time(time_conditioning: bool | None, denoiser: Any) -> bool:
     if time_conditioning is None:
         return bool(getattr(denoiser, "time_conditioned", False))
     return bool(time_conditioning)
+
+
+def takes_rows(denoiser: Any) -> bool:
+    """Whether ``denoiser`` takes ``rows=`` (its ``selects_rows`` attribute; see :data:`Denoiser`)."""
+    return bool(getattr(denoiser, "selects_rows", False))
 
 
 class Sampler(abc.ABC):
@@ -336,6 +347,31 @@ class DiffusionSampler(Sampler):
             )
         return log_p
 
+    def _call_rows(self, denoiser: Denoiser, x: Tensor, sigma: Tensor, rows: Tensor) -> Tensor:
+        """The denoiser's log-probs (N, V) at the N masked positions where ``rows`` (B, L) is True, in
+        row-major order, for x (B, L) at noise levels sigma (B,). A denoiser that selects rows computes
+        only those; for another this is its whole output, indexed."""
+        if not takes_rows(denoiser):
+            return self._call_sigma(denoiser, x, sigma)[rows]
+        log_p = denoiser(x, sigma.to(SIGMA_DTYPE), rows=rows)
+        if log_p.dim() != 2 or log_p.shape[1] <= self.mask_index:
+            raise ValueError(f"denoiser(..., rows=) must return log-probs of shape (N, V > mask_index="
+                             f"{self.mask_index}), got {tuple(log_p.shape)}.")
+        return log_p
+
+    def _unmasking(self, x: Tensor, t: Tensor, s: Tensor, generator: torch.Generator | None) -> Tensor | None:
+        """The positions (B, L) bool that unmask in the ancestral step from t to s < t, or None when none
+        does: each masked position independently, with probability ``(m_t - m_s) / m_t``, a law that does
+        not involve the model. Draws the same uniforms as :meth:`_step`."""
+        masked = x == self.mask_index  # (B, L)
+        if not masked.any():
+            return None
+        m_t = self.noise.move_chance(t).to(self.dtype)
+        m_s = self.noise.move_chance(s).to(self.dtype)
+        u = torch.rand(x.shape, dtype=self.dtype, device=x.device, generator=generator)  # (B, L)
+        unmask = masked & (u * m_t < m_t - m_s)  # P = (m_t - m_s) / m_t, without dividing
+        return unmask if unmask.any() else None
+
     def _step(self, log_p: Tensor, x: Tensor, t: Tensor, s: Tensor,
               generator: torch.Generator | None) -> Tensor:
         """One ancestral step from time t to s < t.
@@ -358,14 +394,8 @@ class DiffusionSampler(Sampler):
         Returns:
             (B, L) long, the state at time s (``x`` itself when nothing changes).
         """
-        masked = x == self.mask_index  # (B, L)
-        if not masked.any():
-            return x
-        m_t = self.noise.move_chance(t).to(self.dtype)
-        m_s = self.noise.move_chance(s).to(self.dtype)
-        u = torch.rand(x.shape, dtype=self.dtype, device=x.device, generator=generator)  # (B, L)
-        unmask = masked & (u * m_t < m_t - m_s)  # P = (m_t - m_s) / m_t, without dividing
-        if not unmask.any():
+        unmask = self._unmasking(x, t, s, generator)
+        if unmask is None:
             return x
         x_s = x.clone()
         x_s[unmask] = self._draw(log_p[unmask], generator)  # N unmasking positions
@@ -389,7 +419,10 @@ class DiffusionSampler(Sampler):
         """Fill the masked positions of x (B, L): ``argmax_v log_p[..., v]`` (v != mask), or a draw
         from the token distribution when ``noise_removal == "sample"``."""
         masked = x == self.mask_index  # (B, L)
-        log_p = log_p[masked]  # (N, V), a copy
+        return self._removed(log_p[masked], x, masked, generator)  # (N, V) rows, a copy
+
+    def _removed(self, log_p: Tensor, x: Tensor, masked: Tensor, generator: torch.Generator | None) -> Tensor:
+        """:meth:`_remove_noise` from the log-probs (N, V) of the N positions where ``masked`` (B, L) is True."""
         x = x.clone()
         x[masked] = self._draw(log_p, generator) if self.noise_removal == "sample" else self._greedy(log_p)
         return x
@@ -437,8 +470,17 @@ class DDPMCacheSampler(DiffusionSampler):
     the whole batch unchanged (``x_s == x_t``) the previous output is still exact and is
     reused. The network is called only when some position is masked and the state differs
     from the one of the last call; with ``steps >> L`` most steps change nothing.
+
+    With a denoiser that selects rows (:func:`takes_rows`, the DiT's), the step's unmasking
+    positions are drawn first (their law does not involve the model, see :meth:`_step`) and
+    the network is called only when some position unmasks, for those positions' log-probs
+    alone. Every call then sees a new state, so there is nothing to cache, the NFE is the
+    number of steps that change the state (plus noise removal), and time conditioning costs
+    no extra call. The law is the same.
+
     Draws the same random numbers as :class:`DDPMSampler`, so with the same generator seed
-    both return identical tokens.
+    both return identical tokens (with a row-selecting denoiser, up to the rounding of the
+    output layer over fewer rows).
 
     Args:
         time_conditioning: the denoiser depends on sigma; then nothing is reused and the
@@ -474,6 +516,8 @@ class DDPMCacheSampler(DiffusionSampler):
         generator: torch.Generator | None = None,
         progress: bool = False,
     ) -> SampleOutput:
+        if takes_rows(denoiser):
+            return self._sample_rows(denoiser, x, generator, progress)
         x = self._check_input(x)  # (B, L)
         times = self._time_grid(x.device)
         nfe = 0
@@ -499,6 +543,30 @@ class DDPMCacheSampler(DiffusionSampler):
                 cache = self._call(denoiser, x, times[-1])
                 nfe += 1
             x = self._remove_noise(cache, x, generator)
+        return SampleOutput(tokens=x, nfe=nfe)
+
+    def _sample_rows(self, denoiser: Denoiser, x: Tensor, generator: torch.Generator | None,
+                     progress: bool) -> SampleOutput:
+        """:meth:`sample` with a row-selecting denoiser: a call only at a step where some position
+        unmasks, for the log-probs of those positions only."""
+        x = self._check_input(x)  # (B, L)
+        times = self._time_grid(x.device)
+        sigmas = self.noise.total_noise(times).to(SIGMA_DTYPE)  # (steps + 1,)
+        batch, nfe = x.shape[0], 0
+        with self._progress(progress) as bar:
+            for i in bar:
+                unmask = self._unmasking(x, times[i], times[i + 1], generator)  # (B, L) or None
+                if unmask is None:
+                    continue
+                log_p = self._call_rows(denoiser, x, sigmas[i].repeat(batch), unmask)  # (N, V)
+                nfe += 1
+                x = x.clone()
+                x[unmask] = self._draw(log_p, generator)
+        masked = x == self.mask_index  # (B, L)
+        if self.noise_removal and masked.any():
+            log_p = self._call_rows(denoiser, x, sigmas[-1].repeat(batch), masked)
+            nfe += 1
+            x = self._removed(log_p, x, masked, generator)
         return SampleOutput(tokens=x, nfe=nfe)
 
 

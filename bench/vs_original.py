@@ -396,12 +396,14 @@ def training_work(pair: Pair, x0: Tensor, args: argparse.Namespace) -> Work:
         loss().backward()
         optimizer.step()
 
-    def adamw(module: torch.nn.Module) -> torch.optim.Optimizer:
+    def adamw(module: torch.nn.Module, fused: bool | None) -> torch.optim.Optimizer:
         optim = pair.theirs.config.optim  # the original's settings, for both
         return torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=optim.lr,
-                                 betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay)
+                                 betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay,
+                                 fused=fused)
 
-    ours_optimizer, theirs_optimizer = adamw(pair.dit), adamw(pair.theirs.backbone)
+    # Each as its training builds it: ours with optim.fused=true (the default), the original with torch's default.
+    ours_optimizer, theirs_optimizer = adamw(pair.dit, True), adamw(pair.theirs.backbone, None)
 
     def ours_loss() -> Tensor:
         out = pair.algorithm.loss(pair.dit, x0, ones)

@@ -48,6 +48,23 @@ class ExactDenoiser:
         return LOG_TABLE[state_index(x)]
 
 
+class RowDenoiser(ExactDenoiser):
+    """:class:`ExactDenoiser` that selects rows, like the DiT's: ``rows=`` gives the chosen positions'
+    log-probs only (N, V); records how many rows each call asked for."""
+
+    selects_rows = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[Tensor] = []
+
+    def __call__(self, x: Tensor, sigma: Tensor, rows: Tensor | None = None) -> Tensor:
+        log_p = super().__call__(x, sigma)
+        assert rows is not None and (x[rows] == MASK).all()
+        self.rows.append(rows.sum(-1))
+        return log_p[rows]
+
+
 def conditional_law(start: tuple[int, ...]) -> np.ndarray:
     """(64,) the joint conditioned on the given tokens of ``start`` (masks elsewhere)."""
     law = target_law()
@@ -83,6 +100,19 @@ def test_k1_follows_the_exact_joint(start: tuple[int, ...], schedule: type) -> N
     # The test has the power the issue asks for: a 1-point bias in one probability is rejected.
     with pytest.raises(AssertionError, match="p-value"):
         assert_matches(out.tokens, shifted(law))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_row_selecting_denoiser_gives_the_same_samples_and_law(k: int) -> None:
+    """The positions are chosen before the call, and a denoiser that selects rows computes only those:
+    the same tokens for the same seed, each call asking for the k chosen positions of each active row."""
+    start = (MASK, 2, MASK)
+    rows = RowDenoiser()
+    out = run(start, k=k, seed=3, n=20_000, denoiser=rows)
+    assert torch.equal(out.tokens, run(start, k=k, seed=3, n=20_000).tokens)
+    assert [r.tolist() for r in rows.rows] == [[k] * 20_000] if k == 2 else [[1] * 20_000] * 2
+    if k == 1:
+        assert_matches(out.tokens, conditional_law(start))
 
 
 def test_k_above_1_is_not_exact() -> None:

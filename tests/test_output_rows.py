@@ -89,3 +89,33 @@ def test_denoisers_give_the_same_log_probabilities() -> None:
         model(prefix[:, 4 * b:4 * (b + 1)], sigma, cache=cache)
     cache.store = False
     torch.testing.assert_close(algorithm.cached_denoiser(model, cache)(block, sigma), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_denoisers_selecting_rows_give_those_rows_only() -> None:
+    """``rows=`` (some masked positions): the (N, V) log-probs of those positions, equal to the full output's."""
+    model = random_dit(3).eval()
+    xt = torch.randint(0, MASK, (2, 12))
+    xt[torch.rand(2, 12, generator=torch.Generator().manual_seed(0)) < 0.6] = MASK
+    rows = (xt == MASK) & (torch.rand(2, 12, generator=torch.Generator().manual_seed(1)) < 0.5)
+    assert rows.sum() >= 2 and (rows != (xt == MASK)).any()
+    sigma = torch.full((2,), 0.7)
+    for algorithm in (MDLM(LogLinear(), MASK), MDLM(LogLinear(), MASK, time_conditioning=True)):
+        denoiser = algorithm.denoiser(model)
+        assert denoiser.selects_rows
+        fast = denoiser(xt, sigma, rows=rows)
+        assert fast.shape == (int(rows.sum()), VOCAB)
+        torch.testing.assert_close(fast, algorithm.denoiser(full_output(model))(xt, sigma)[rows], atol=1e-6,
+                                   rtol=1e-6)
+    algorithm = BD3LM(LogLinear(), MASK, block_size=4)
+    prefix, block, block_rows = xt[:, :8].clone(), xt[:, 8:].clone(), rows[:, 8:]
+    prefix[prefix == MASK] = 0
+    reference = algorithm.block_denoiser(full_output(model), prefix)(block, sigma)[block_rows]
+    torch.testing.assert_close(algorithm.block_denoiser(model, prefix)(block, sigma, rows=block_rows), reference,
+                               atol=1e-6, rtol=1e-6)
+    cache = model.new_cache()
+    cache.store = True
+    for b in range(2):  # BD3-LM's network reads sigma = 0
+        model(prefix[:, 4 * b:4 * (b + 1)], torch.zeros(2), cache=cache)
+    cache.store = False
+    torch.testing.assert_close(algorithm.cached_denoiser(model, cache)(block, sigma, rows=block_rows), reference,
+                               atol=1e-5, rtol=1e-5)

@@ -108,6 +108,26 @@ class Oracle:
 
 
 
+class RowOracle(Oracle):
+    """:class:`Oracle` that selects rows (``rows=``: the log-probs of masked positions only), like the DiT's
+    denoiser; records how many rows each call asked for."""
+
+    selects_rows = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[int] = []
+
+    def __call__(self, x: Tensor, sigma: Tensor, rows: Tensor | None = None) -> Tensor:
+        log_p = super().__call__(x, sigma)  # (B, L, V + 1)
+        if rows is None:
+            return log_p
+        assert rows.shape == x.shape and rows.dtype == torch.bool and rows.any()
+        assert (x[rows] == MASK).all(), "rows asked at an unmasked position"
+        self.rows.append(int(rows.sum()))
+        return log_p[rows]  # (N, V + 1)
+
+
 SCHEDULES = {"loglinear": LogLinear, "cosine": Cosine}
 # MDLM's ancestral samplers, whose finite-step law is the DP below; "analytic" takes a score
 # (tests/test_analytic_sampler.py). The later samplers have their own files (test_first_hitting.py,
@@ -273,6 +293,40 @@ def test_cache_matches_ddpm(schedule: str, eps: float) -> None:
     assert outs["ddpm_cache"].nfe < outs["ddpm"].nfe
     # A call only when the state changed: at most one per newly revealed position + 1.
     assert outs["ddpm_cache"].nfe <= 8 * L + 1
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("case", CASES)
+def test_row_selecting_cache_has_the_exact_law(case: str, schedule: str) -> None:
+    """ddpm_cache with a denoiser that selects rows draws the unmasking positions first and calls the
+    network for those only: the same finite-step law."""
+    steps, eps, start, noise_removal = CASES[case]
+    noise = SCHEDULES[schedule]()
+    sampler = make("ddpm_cache", noise, steps=steps, eps=eps, noise_removal=noise_removal)
+    out = run(sampler, start, batch=40_000, seed=11, oracle=RowOracle())
+    assert_matches(out.tokens, exact_law(noise, steps, eps, start, noise_removal))
+
+
+@pytest.mark.parametrize("time_conditioning", [False, True])
+def test_row_selecting_cache_calls_only_where_a_position_unmasks(time_conditioning: bool) -> None:
+    """Same tokens as ddpm (same seed); one call per step that changes the state (plus noise removal),
+    time-conditioned or not, each for exactly the positions that unmask then."""
+    noise, steps, batch = Cosine(), 500, 4
+    plain, rows = Oracle(), RowOracle()
+    rows.record_inputs = True
+    ddpm = run(make("ddpm", noise, steps=steps, eps=0.05), ALL_MASK, batch, 7, plain)
+    cached = run(make("ddpm_cache", noise, steps=steps, eps=0.05, time_conditioning=time_conditioning),
+                 ALL_MASK, batch, 7, rows)
+    assert torch.equal(ddpm.tokens, cached.tokens)
+    assert cached.nfe == rows.calls == len(rows.rows) < steps
+    states = [*rows.inputs, cached.tokens]
+    for k, (before, after) in enumerate(itertools.pairwise(states)):
+        changed = int((before != after).sum())
+        assert changed == rows.rows[k] > 0
+    removal = int((rows.inputs[-1] == MASK).sum()) == rows.rows[-1] and bool((rows.inputs[-1] == MASK).any())
+    assert removal  # eps = 0.05 leaves masks at the end here: the last call fills them all
+    # The times of the calls are grid times at which something unmasked (not one per step).
+    assert len(set(rows.sigmas)) == rows.calls
 
 
 def test_cache_never_calls_on_unchanged_state() -> None:
