@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from algorithms import (
     Backbone,
@@ -384,7 +385,8 @@ class BD3LM(MaskedDiffusion):
         cache = self.new_cache(backbone, window) if self.kv_cache else None
         x, nfe, zeros = x.clone(), 0, torch.zeros(x.shape[0], device=x.device)
         ends = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)  # (B,) length of each sequence
-        for b in range(num_blocks):
+        blocks = tqdm(range(num_blocks), desc=f"sampling ({sampler.name}) by block", unit="block", disable=not progress)
+        for b in blocks:
             block = slice(b * self.block_size, (b + 1) * self.block_size)
             if bool((x[:, block] == self.mask_index).any()):
                 if cache is not None:

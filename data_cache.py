@@ -31,6 +31,7 @@ import datasets
 import numpy as np
 import pyarrow.compute as pc
 from filelock import FileLock
+from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 CACHE_FORMAT = 1  # bump when the on-disk layout or the tokenization procedure changes
@@ -160,10 +161,13 @@ def _build(
     tmp.mkdir(parents=True)
     tokens = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=dtype, shape=(int(offsets[-1]),))
     position = 0
-    for chunk in column.chunks:
-        flat = pc.list_flatten(chunk).to_numpy(zero_copy_only=False)
-        tokens[position : position + len(flat)] = flat
-        position += len(flat)
+    with tqdm(total=int(offsets[-1]), desc=f"Writing {entry.name}", unit="tok", unit_scale=True, leave=False,
+              disable=None) as bar:  # None: when stderr is a terminal (a log file gets the summary line below)
+        for chunk in column.chunks:
+            flat = pc.list_flatten(chunk).to_numpy(zero_copy_only=False)
+            tokens[position : position + len(flat)] = flat
+            position += len(flat)
+            bar.update(len(flat))
     tokens.flush()
     del tokens
     np.save(tmp / "offsets.npy", offsets)

@@ -12,6 +12,7 @@ import inspect
 import json
 import signal
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -566,7 +567,11 @@ def ppl_eval(cfg: DictConfig, run_dir: Path) -> None:
     configs = {name: eval_data_config(cfg, name) for name in cfg.eval.datasets}  # unknown names fail up front
     results: dict[str, dict[str, float]] = {}
     failed: dict[str, str] = {}
-    for name in names:
+    start = time.perf_counter()
+    for index, name in enumerate(names):
+        if len(names) > 1 and trainer.is_global_zero:  # which data set, and the time left, between their outputs
+            print(utils.progress_line(index, len(names), time.perf_counter() - start, f"ppl_eval ({name} next)",
+                                      unit="data set"))
         try:
             dataset = instantiate(configs[name]) if cfg.eval.datasets else data
             trainer.validate(module, datamodule=make_datamodule(cfg, dataset, train_plan, eval_plan), verbose=False)
@@ -580,6 +585,8 @@ def ppl_eval(cfg: DictConfig, run_dir: Path) -> None:
             report_likelihood(module.last_val, f"Perplexity of {cfg.eval.checkpoint_path} on {name}",
                               module.algorithm.exact_likelihood)
         write_eval_results(trainer, run_dir, cfg, names, results, failed)
+    if len(names) > 1 and trainer.is_global_zero:
+        print(utils.progress_line(len(names), len(names), time.perf_counter() - start, "ppl_eval", unit="data set"))
     if failed:
         print(f"ppl_eval failed on {sorted(failed)}; the results of {sorted(results) or 'no data set'} are in "
               f"{run_dir / 'eval_results.json'}.")

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 import hub
@@ -270,8 +271,11 @@ class GenerativePerplexity:
             raise ValueError(f"need a context size >= 2 (BOS + one token), got {context_size}; pass max_length")
         return context_size
 
-    def score(self, texts: list[str]) -> list[dict]:
-        """Per text ``{"nll_sum": nats, "num_tokens": T, "ppl": exp(nll_sum / T)}`` (``ppl`` nan if T = 0)."""
+    def score(self, texts: list[str], progress: bool | None = None) -> list[dict]:
+        """Per text ``{"nll_sum": nats, "num_tokens": T, "ppl": exp(nll_sum / T)}`` (``ppl`` nan if T = 0).
+
+        ``progress``: a bar over the batches; None = when stderr is a terminal.
+        """
         if not texts:
             return []
         token_lists = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
@@ -279,7 +283,7 @@ class GenerativePerplexity:
         chunks = [(i, ids[s : s + step]) for i, ids in enumerate(token_lists) for s in range(0, len(ids), step)]
         chunks.sort(key=lambda chunk: len(chunk[1]))  # similar lengths share a batch: less padding
         nll_sums = [0.0] * len(texts)
-        for start in range(0, len(chunks), self.batch_size):
+        for start in self._batches(len(chunks), "gen PPL", progress):
             owners, batch = zip(*chunks[start : start + self.batch_size], strict=True)
             for owner, nll in zip(owners, self._score_chunks(list(batch)).tolist(), strict=True):
                 nll_sums[owner] += nll
@@ -287,6 +291,11 @@ class GenerativePerplexity:
             {"nll_sum": nll, "num_tokens": len(ids), "ppl": math.exp(nll / len(ids)) if ids else math.nan}
             for nll, ids in zip(nll_sums, token_lists, strict=True)
         ]
+
+    def _batches(self, count: int, desc: str, progress: bool | None) -> tqdm:
+        """The start of each batch of ``batch_size`` among ``count`` rows, as a bar (gone when done)."""
+        return tqdm(range(0, count, self.batch_size), desc=f"{desc} (eval LM)", unit="batch", leave=False,
+                    disable=None if progress is None else not progress)
 
     @torch.inference_mode()
     def _score_chunks(self, chunks: list[list[int]]) -> Tensor:
@@ -306,16 +315,17 @@ class GenerativePerplexity:
         return (token_nll.double() * attention_mask[:, 1:]).sum(-1).cpu()  # (B,)
 
     @torch.inference_mode()
-    def features(self, texts: list[str]) -> np.ndarray:
+    def features(self, texts: list[str], progress: bool | None = None) -> np.ndarray:
         """(N, H) float32: the last layer's hidden state at each text's last token, MAUVE's features.
 
         Each text is scored as ``[BOS] + its first C - 1 eval tokens`` (``C``: the context size),
         so an empty text has the BOS's features. Batches of ``batch_size``, right-padded.
+        ``progress``: a bar over the batches; None = when stderr is a terminal.
         """
         token_lists = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
         rows = [[self.bos_id, *ids[: self.context_size - 1]] for ids in token_lists]
         out = []
-        for start in range(0, len(rows), self.batch_size):
+        for start in self._batches(len(rows), "MAUVE features", progress):
             batch = rows[start : start + self.batch_size]
             width = max(len(ids) for ids in batch)
             input_ids = torch.full((len(batch), width), self.bos_id, dtype=torch.long)  # (B, W)

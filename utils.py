@@ -14,6 +14,7 @@ import rich.syntax
 import rich.tree
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 
 def print_config_tree(cfg: DictConfig, save_path: Path | None = None) -> None:
@@ -27,6 +28,16 @@ def print_config_tree(cfg: DictConfig, save_path: Path | None = None) -> None:
     if save_path is not None:
         save_path.parent.mkdir(parents=True, exist_ok=True)
         save_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def progress_line(done: int, total: int, elapsed: float, prefix: str, unit: str = "it") -> str:
+    """A tqdm meter as one printed line, e.g. ``ppl_eval: 33%|███▎      | 1/3 [00:42<01:24, 42.00s/data set]``.
+
+    For an outer loop whose steps print (results, inner bars such as Lightning's validation bar or
+    a data-cache build): a live bar redraws its terminal line in place, and every print between two
+    of its updates breaks it. A line printed per step survives them, and reads the same in a log file.
+    """
+    return tqdm.format_meter(done, total, elapsed, ncols=100, prefix=prefix, unit=unit)
 
 
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"

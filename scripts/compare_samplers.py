@@ -272,7 +272,8 @@ def write_report(results: dict[str, dict[str, Any]], args: argparse.Namespace, c
     print(f"Wrote {out.with_suffix('.md')}, {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 
-def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+def plot(results: dict[str, dict[str, Any]], path: Path | None = None) -> Any:
+    """One row of panels per model, x = NFE per batch; saved to ``path`` if given; returns the Figure."""
     import matplotlib
     import matplotlib.ticker
 
@@ -305,7 +306,9 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
                 ax.set_yscale("log")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
 
 
 def main() -> None:

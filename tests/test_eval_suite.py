@@ -61,6 +61,7 @@ def test_ppl_eval_on_several_data_sets_writes_a_table(tmp_path: Path, wikitext_m
     assert [r["data"] for r in rows] == ["wikitext2", "ptb"]
     assert float(rows[1]["num_tokens"]) == results["datasets"]["ptb"]["num_tokens"] > 0
     assert "| ptb |" in proc.stdout and "Tokenizing ptb validation" in proc.stdout
+    assert "ppl_eval (ptb next):  50%|" in proc.stdout and "| 1/2 [" in proc.stdout  # which data set, time left
 
 
 def test_unknown_eval_data_set_names_the_valid_ones(tmp_path: Path, wikitext_model) -> None:
