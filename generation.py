@@ -6,10 +6,13 @@ text, the sampler settings, NFE, seconds, the seed, the unigram entropy of its t
 when an eval LM is given, its generative perplexity (:class:`metrics.GenerativePerplexity`:
 loaded once, text after the first EOS left out unless ``eval.gen_ppl_truncate_at_eos=false``).
 With held-out texts (:func:`reference_texts`) the summary adds MAUVE of the samples against them.
+With ``trace`` each record also says at which network call each position was unmasked
+(:mod:`denoising_trace`; replay it with ``scripts/replay.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -25,6 +28,7 @@ import registry
 from algorithms import Algorithm
 from conditioning import infill_template, prefix_template
 from dataloader import block_special_ids, decode
+from denoising_trace import TraceRecorder, check_traceable, traced_fields
 from diffusion import Diffusion
 from metrics import GenerativePerplexity, mauve_score, truncate_at_eos, unigram_entropy
 from samplers import Sampler, check_fits
@@ -102,6 +106,7 @@ def generate_samples(
     source: Any = None,
     stop_token: int | None = None,
     rejection: EntropyRejection | None = None,
+    trace: bool = False,
 ) -> list[dict[str, Any]]:
     """Sample ``num_batches`` batches of ``template`` (1, L) on the module's device.
 
@@ -110,7 +115,9 @@ def generate_samples(
     NLL per token under it. ``semi_ar = (stride_length, num_strides)``. ``stop_token``:
     variable length (block diffusion): each sample ends at its first ``stop_token`` after
     position 0. ``rejection``: samples whose tail has too little entropy are drawn again
-    (``retries`` and ``low_entropy`` in the record).
+    (``retries`` and ``low_entropy`` in the record). ``trace``: the record also holds ``trace``,
+    ``trace_remasks`` and ``trace_pieces`` (:func:`denoising_trace.traced_fields`); the samples
+    are the same as without it.
     """
     if semi_ar and sampler.left_to_right:
         raise ValueError(f"sampling.semi_ar applies to diffusion samplers; sampler={sampler.name} generates "
@@ -119,19 +126,28 @@ def generate_samples(
     template = template.to(device)
     mask_index = module.algorithm.mask_index
 
-    def draw(draw_seed: int, n: int) -> tuple[list[Tensor], int]:
+    if trace:
+        check_traceable(sampler)  # before any work
+
+    def draw(draw_seed: int, n: int) -> tuple[list[Tensor], int, list[tuple[Tensor, Tensor] | None]]:
         generator = torch.Generator(device).manual_seed(draw_seed)
-        out = module.generate(sampler, template.expand(n, -1).clone(), generator=generator, progress=True,
-                              semi_ar=semi_ar, stop_token=stop_token)
+        x = template.expand(n, -1)
+        with TraceRecorder(sampler, mask_index) if trace else contextlib.nullcontext() as recorder:
+            out = module.generate(sampler, x.clone(), generator=generator, progress=True, semi_ar=semi_ar,
+                                  stop_token=stop_token)
         tokens = out.tokens.cpu()
         lengths = [tokens.shape[1]] * n if out.lengths is None else out.lengths.tolist()
-        return [tokens[i, :length] for i, length in enumerate(lengths)], out.nfe
+        rows = [tokens[i, :length] for i, length in enumerate(lengths)]
+        if recorder is None:
+            return rows, out.nfe, [None] * n
+        steps, remasks = (t.cpu() for t in recorder.result(out.tokens, x, semi_ar[0] if semi_ar else None))
+        return rows, out.nfe, list(zip(steps, remasks, strict=True))  # (N,) steps and remasks per row
 
     records = []
     for batch_index in range(num_batches):
         batch_seed = seed * 1_000_003 + batch_index
         start = time.perf_counter()
-        samples, nfe = draw(batch_seed, batch_size)
+        samples, nfe, traces = draw(batch_seed, batch_size)
         seeds, nfes, retries = [batch_seed] * batch_size, [nfe] * batch_size, [0] * batch_size
         if rejection is not None:
             for attempt in range(1, rejection.max_retries + 1):
@@ -139,9 +155,9 @@ def generate_samples(
                 if not rejected:
                     break
                 retry_seed = rejection.seed(batch_seed, attempt)
-                redrawn, nfe = draw(retry_seed, len(rejected))
-                for i, tokens in zip(rejected, redrawn, strict=True):
-                    samples[i], seeds[i], nfes[i], retries[i] = tokens, retry_seed, nfe, attempt
+                redrawn, nfe, retraced = draw(retry_seed, len(rejected))
+                for i, tokens, traced in zip(rejected, redrawn, retraced, strict=True):
+                    samples[i], seeds[i], nfes[i], retries[i], traces[i] = tokens, retry_seed, nfe, attempt, traced
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -159,6 +175,8 @@ def generate_samples(
                 record.update(retries=retries[i], low_entropy=rejection.rejects(tokens))
             if true_nll is not None:
                 record["true_nll_per_token"] = float(true_nll[i]) / len(tokens)
+            if traces[i] is not None:  # after the timing: decoding the pieces is not sampling
+                record.update(traced_fields(*traces[i], tokens.tolist(), tokenizer, mask_index))
             records.append(record)
     return records
 
@@ -239,6 +257,9 @@ def print_samples(records: list[dict[str, Any]], limit: int) -> None:
         nfes = sorted({r["nfe"] for r in records})
         nfe = f"{nfes[0]}" if len(nfes) == 1 else f"{nfes[0]}-{nfes[-1]}"
         print(f"--- {len(records)} samples of {length} tokens, {seconds:.3f} s/sample, NFE {nfe}")
+        if "trace" in records[0]:
+            print("--- each record's trace: the network call that unmasked each position; replay, heat map and order "
+                  "with python scripts/replay.py RUN_DIR/samples.jsonl [--png out.png] [--summary]")
         if "retries" in records[0]:
             redrawn = sum(r["retries"] > 0 for r in records)
             flagged = sum(r["low_entropy"] for r in records)

@@ -346,8 +346,9 @@ def load_for_eval(cfg: DictConfig, vocab_size: int, mask_index: int) -> Diffusio
 
 
 def generate_from_config(cfg: DictConfig, module: Diffusion, data: Any, num_batches: int,
-                         batch_size: int) -> list[dict[str, Any]]:
-    """``generation.generate_samples`` with the template, seed, semi-AR windows and device of ``cfg``."""
+                         batch_size: int, trace: bool = False) -> list[dict[str, Any]]:
+    """``generation.generate_samples`` with the template, seed, semi-AR windows and device of ``cfg``
+    (``trace``: with the unmasking trace, :mod:`denoising_trace`)."""
     accelerator, _ = utils.resolve_accelerator(cfg.trainer.accelerator, 1)
     module.to(accelerator)  # "cuda" or "cpu"
     s, sampler = cfg.sampling, module.sampler
@@ -358,7 +359,7 @@ def generate_from_config(cfg: DictConfig, module: Diffusion, data: Any, num_batc
     rejection = None if s.min_entropy is None else EntropyRejection(float(s.min_entropy), int(s.entropy_window),
                                                                     int(s.max_retries))
     return generate_samples(module, sampler, template, data.tokenizer, num_batches, batch_size, cfg.seed,
-                            semi_ar=semi_ar, source=data, stop_token=stop_token, rejection=rejection)
+                            semi_ar=semi_ar, source=data, stop_token=stop_token, rejection=rejection, trace=trace)
 
 
 def sample_length(cfg: DictConfig) -> int:
@@ -624,7 +625,8 @@ def sample_eval(cfg: DictConfig, run_dir: Path) -> None:
     if cfg.eval.compute_generative_perplexity or cfg.eval.compute_mauve:  # fail early, load once
         scorer = GenerativePerplexity(cfg.eval.gen_ppl_eval_model, device="cuda" if accelerator == "cuda" else "cpu",
                                       batch_size=cfg.eval.gen_ppl_batch_size)
-    records = generate_from_config(cfg, module, data, cfg.sampling.num_sample_batches, eval_plan.per_device)
+    records = generate_from_config(cfg, module, data, cfg.sampling.num_sample_batches, eval_plan.per_device,
+                                   trace=bool(cfg.sampling.trace))
     summary = score_samples(records, data.tokenizer, scorer, truncate, reference, seed=cfg.seed)
     path = run_dir / "samples.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
