@@ -124,6 +124,7 @@ def test_docs_example_runs_as_written(checkpoint: Path, capsys: pytest.CaptureFi
     page = (ROOT / "docs" / "python_api.md").read_text()
     code = re.search(r"```python\n(.*?)```", page, re.S).group(1)
     assert "outputs/quickstart/checkpoints/best.ckpt" in code and len(code.strip().splitlines()) <= 12
+    assert f"```python\n{code}```" in (ROOT / "README.md").read_text()  # the README shows this same example
     exec(code.replace("outputs/quickstart/checkpoints/best.ckpt", str(checkpoint)), {})  # noqa: S102
     printed = capsys.readouterr().out
     assert printed.count("NFE 16") == 2 and printed.count("nats/token") == 2
