@@ -23,6 +23,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor
+from tqdm import tqdm
 
 import registry
 from algorithms import Algorithm
@@ -144,7 +145,7 @@ def generate_samples(
         return rows, out.nfe, list(zip(steps, remasks, strict=True))  # (N,) steps and remasks per row
 
     records = []
-    for batch_index in range(num_batches):
+    for batch_index in tqdm(range(num_batches), desc="sample batches", unit="batch", disable=num_batches < 2):
         batch_seed = seed * 1_000_003 + batch_index
         start = time.perf_counter()
         samples, nfe, traces = draw(batch_seed, batch_size)

@@ -125,7 +125,7 @@ def draw_eval(table: EvalTable) -> Figure:
                   label="true (source entropy)" if d == np.flatnonzero(~np.isnan(table.true))[0] else None)
     ax.set_xticks(x, table.datasets)
     ax.set_ylabel(METRICS[table.metric])
-    ax.set_title(f"{METRICS[table.metric]} by data set (lower is better; bars: ± one standard error)", fontsize=9)
+    ax.set_title(f"{METRICS[table.metric]} by data set\n(lower is better; bars: ± one standard error)", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     ax.margins(y=0.12)
