@@ -52,6 +52,7 @@ from noise_schedule import NoiseSchedule
 X0_LOG_PROBS = "x0_log_probs"        # (x_t, sigma) -> log p_theta(x_0 | x_t) in SUBS form (MDLM, D3PM)
 LOG_SCORE = "log_score"              # (x_t, sigma) -> log p_t(y) / p_t(x_t) (SEDD)
 NEXT_TOKEN_LOGITS = "next_token_logits"  # a causal model: (tokens, None) -> logits, with a KV cache (AR)
+X0_LOG_PROBS_UNIFORM = "x0_log_probs_uniform"  # (x_t, sigma) -> log x_theta of uniform-state diffusion (UDLM, DUO)
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 """``denoiser(x_t: (B, L) long, sigma: (B,) float) -> log p_theta(x_0 | x_t): (B, L, V)``.

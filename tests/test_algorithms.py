@@ -139,7 +139,7 @@ def test_uniform_denoiser_bound_is_log_vocab() -> None:
 
 
 def test_unknown_algorithm_lists_choices() -> None:
-    with pytest.raises(ValueError, match=r"valid choices: \['ar', 'bd3lm', 'd3pm', 'mdlm', 'sedd'\]"):
+    with pytest.raises(ValueError, match=r"valid choices: \['ar', 'bd3lm', 'd3pm', 'duo', 'mdlm', 'sedd', 'udlm'\]"):
         registry.load("algorithm", "nope")
 
 

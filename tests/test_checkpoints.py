@@ -642,6 +642,12 @@ OPTION_CASES = [
     ("bd3lm", "clip_search_widths", ["block_size=4", "training.clip_search_widths=[0.5]"], [0.5]),
     ("bd3lm", "clip_search_delta", ["block_size=4", "training.clip_search_delta=0.1"], 0.1),
     ("bd3lm", "clip_search_batches", ["block_size=4", "training.clip_search_batches=7"], 7),
+    ("udlm", "sampling_eps", ["training.sampling_eps=0.01"], 0.01),
+    ("udlm", "antithetic_sampling", ["training.antithetic_sampling=false"], False),
+    ("duo", "sampling_eps", ["training.sampling_eps=0.01"], 0.01),
+    ("duo", "antithetic_sampling", ["training.antithetic_sampling=false"], False),
+    ("duo", "gamma_min", ["algorithm.gamma_min=-3.55"], -3.55),
+    ("duo", "gamma_max", ["algorithm.gamma_max=-1.85"], -1.85),
 ]
 
 
