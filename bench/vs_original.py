@@ -540,12 +540,15 @@ def notes(timed: list[Timed], args: argparse.Namespace) -> str:
         "the ratio is the median of the pairs' ratios (> 1: ours is faster). Each timed sample runs a call "
         f"enough times to last >= {args.min_time} s. tokens/s = B x L / time.",
         "Training step: the loss (ours: algorithms.MDLM.loss, continuous time, loglinear; the original: "
-        "Diffusion._loss), backward and an AdamW step; no clipping, EMA or logging in either. "
+        "Diffusion._loss), backward and an AdamW step (each as its training builds it: ours torch's fused "
+        "kernel, optim.fused=true; the original torch's default); no clipping, EMA or logging in either. "
         "SUBS and NELBO: ours computes the output layer only at masked positions (output_mask); "
         "the original, at every position.",
         *(["Sampling: ours samplers.DDPMCacheSampler (float64 draws, as main.py sample_eval) and "
            "first_hitting.FirstHittingSampler, through MDLM's denoiser; the original Diffusion._sample "
-           "(sampling.predictor=ddpm_cache); NFE = network calls per sample (median), noise removal included."]
+           "(sampling.predictor=ddpm_cache); NFE = network calls per sample (median), noise removal included. "
+           "Ours asks the network for the positions a step fills only (ddpm_cache: those that unmask; "
+           "first-hitting: the one it unmasks)."]
           if args.sampling else []),
         f"Load from other processes (share of the machine's CPU not used by this script, per pair): {load}; "
         f"pairs above {args.busy_threshold:.0%} are set aside and retried (up to {MAX_PAIRS_FACTOR}x --repeats "
