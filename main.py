@@ -142,13 +142,15 @@ def build_module(cfg: DictConfig, vocab_size: int, mask_index: int, special_ids:
         backbone.compile(dynamic=True)
     algorithm = instantiate(cfg.algorithm)(mask_index=mask_index)
     sampler = make_sampler(cfg.sampler, algorithm, bool(cfg.sampling.float64))
+    accelerator, _ = utils.resolve_accelerator(cfg.trainer.accelerator, 1)
+    precision = utils.resolve_precision(cfg.trainer.precision, accelerator)
     optimizer = functools.partial(
         torch.optim.AdamW,
         lr=cfg.optim.lr,
         betas=(cfg.optim.beta1, cfg.optim.beta2),
         eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay,
-        fused=bool(cfg.optim.fused) or None,
+        fused=utils.fused_adamw(cfg.optim.fused, precision, cfg.trainer.gradient_clip_val),
     )
     return Diffusion(
         backbone=backbone,
@@ -205,9 +207,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, utils.Batc
     world_size = devices * cfg.trainer.num_nodes
     train_plan = utils.plan_batches(cfg.loader.global_batch_size, world_size, cfg.loader.batch_size)
     eval_plan = utils.plan_eval_batches(cfg.loader.eval_global_batch_size, world_size, cfg.loader.eval_batch_size)
-    precision = cfg.trainer.precision
-    if precision == "auto":
-        precision = utils.default_precision(accelerator)
+    precision = utils.resolve_precision(cfg.trainer.precision, accelerator)
     deterministic = cfg.trainer.deterministic
     if deterministic == "auto":  # bit-identical CPU runs; on CUDA deterministic kernels cost speed (docs/clusters.md)
         deterministic = accelerator == "cpu"

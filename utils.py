@@ -138,6 +138,33 @@ def resolve_accelerator(accelerator: str, devices: int | str) -> tuple[str, int]
     return accelerator, devices
 
 
+FULL_PRECISIONS = ("32", "32-true", "64", "64-true")  # Lightning precisions without autocast or a grad scaler
+
+
+def resolve_precision(precision: str | int, accelerator: str) -> str:
+    """``trainer.precision``, with ``auto`` resolved by :func:`default_precision`."""
+    return default_precision(accelerator) if precision == "auto" else str(precision)
+
+
+def fused_adamw(fused: bool | str, precision: str, clip: float | None) -> bool | None:
+    """The ``fused`` argument of ``torch.optim.AdamW`` for ``optim.fused``: True (torch's one-kernel update) or
+    None (torch's default implementation).
+
+    ``auto``: fused in full precision only. Under a mixed precision Lightning clips gradients before the step,
+    which a fused optimizer does not allow (it unscales gradients inside its step), so ``true`` with a mixed
+    precision and ``trainer.gradient_clip_val`` is an error rather than a failure at the first step.
+    """
+    if fused == "auto":
+        return True if precision in FULL_PRECISIONS else None
+    if fused not in (True, False):
+        raise ValueError(f"optim.fused={fused!r}; valid choices: auto, true, false")
+    if fused and clip and precision not in FULL_PRECISIONS:
+        raise ValueError(f"optim.fused=true with trainer.precision={precision} and trainer.gradient_clip_val={clip}: "
+                         "Lightning cannot clip the gradients of a fused optimizer under mixed precision. "
+                         "Use optim.fused=auto (fused in full precision only) or false.")
+    return True if fused else None
+
+
 def default_precision(accelerator: str) -> str:
     """bf16 autocast on CUDA (fp16 would overflow the -1e6 mask logit), fp32 on CPU."""
     if accelerator == "cuda" and torch.cuda.is_bf16_supported():

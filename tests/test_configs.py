@@ -276,13 +276,25 @@ def test_an_original_key_set_in_a_config_file_is_an_error(tmp_path: Path, key: s
         main.validate_config(cfg)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_optimizer_is_fused_adamw_unless_asked_otherwise(tmp_path: Path, fused: bool) -> None:
-    """optim.fused (default true): torch's fused AdamW kernel, about 10x faster than the per-tensor loop on
-    CPU (docs/benchmarks.md); false gives torch's default implementation."""
-    cfg = make_cfg(tmp_path, ["experiment=quickstart", "model=tiny"] + ([] if fused else ["optim.fused=false"]))
+@pytest.mark.parametrize("overrides,fused", [
+    ([], True),                                                   # auto, CPU: 32-true
+    (["optim.fused=false"], False),
+    (["trainer.precision=bf16-mixed"], False),                    # auto: not under mixed precision
+    (["optim.fused=true", "trainer.precision=bf16-mixed", "trainer.gradient_clip_val=0"], True),
+])
+def test_optimizer_is_fused_adamw_in_full_precision(tmp_path: Path, overrides: list[str], fused: bool) -> None:
+    """optim.fused (default auto): torch's fused AdamW kernel in full precision, about 10x faster than the
+    per-tensor loop on CPU (docs/benchmarks.md); torch's default implementation otherwise."""
+    cfg = make_cfg(tmp_path, ["experiment=quickstart", "model=tiny", *overrides])
     optimizer = main.build_module(cfg, vocab_size=11, mask_index=10).configure_optimizers()
     optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
     assert isinstance(optimizer, torch.optim.AdamW)
     assert bool(optimizer.defaults["fused"]) is fused
     assert optimizer.defaults["lr"] == cfg.optim.lr
+
+
+def test_fused_adamw_with_mixed_precision_and_clipping_is_an_error(tmp_path: Path) -> None:
+    """Lightning refuses to clip a fused optimizer's gradients under mixed precision (at the first step)."""
+    cfg = make_cfg(tmp_path, ["experiment=quickstart", "optim.fused=true", "trainer.precision=bf16-mixed"])
+    with pytest.raises(ValueError, match="optim.fused=auto"):
+        main.build_module(cfg, vocab_size=11, mask_index=10)

@@ -113,6 +113,16 @@ def test_resume_continues_the_step_count(trained, tmp_path: Path) -> None:
     assert ckpt["ema"]["num_updates"] == 12
 
 
+def test_bf16_mixed_training_with_clipping(tmp_path: Path) -> None:
+    """bf16 autocast (the GPU default) with gradient clipping: optim.fused=auto must not hand Lightning a fused
+    optimizer there (it refuses to clip one under mixed precision, at the first step)."""
+    proc = run_main(tmp_path, "trainer.precision=bf16-mixed", "trainer.gradient_clip_val=1.0", "trainer.max_steps=2",
+                    "trainer.val_check_interval=2", "wandb.mode=disabled")
+    assert "Final validation" in proc.stdout
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2
+
+
 def test_unknown_mode_lists_the_modes(tmp_path: Path) -> None:
     proc = run_main(tmp_path, "mode=fit", check=False)
     assert proc.returncode != 0
