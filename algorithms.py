@@ -461,6 +461,11 @@ class Algorithm(nn.Module):
         """What this algorithm's samplers call (see ``denoiser_kind``)."""
         raise NotImplementedError
 
+    def on_train_batch_start(self, step: int) -> dict[str, float]:
+        """Before each training batch, the optimizer steps taken so far (Lightning's ``global_step``, restored
+        on resume); for schedules over training (DUO's curriculum). Returns what to log under ``train/``."""
+        return {}
+
     def on_validation_batch(self, backbone: nn.Module, batch: dict[str, Any], batch_idx: int,
                             gather: Any) -> None:
         """Extra work on each validation batch during training (e.g. BD3-LM's clip search); none by default.

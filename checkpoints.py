@@ -437,7 +437,8 @@ def check_resumable(path: Path, state_dict: dict[str, Tensor], ema_shapes: Seque
     problems = [f"{k}: missing" for k in state_dict if k not in saved]
     problems += [f"{k}: not in this model" for k in saved if k not in state_dict]
     problems += [f"{k}: shape {tuple(saved[k].shape)} in the checkpoint, {tuple(v.shape)} in this model"
-                 for k, v in state_dict.items() if k in saved and tuple(saved[k].shape) != tuple(v.shape)]
+                 for k, v in state_dict.items() if k in saved and isinstance(v, Tensor)  # not a module's extra state
+                 and tuple(saved[k].shape) != tuple(v.shape)]
     ema = checkpoint.get("ema")
     if ema_shapes is not None and isinstance(ema, dict) and ema.get("shadow_params") is not None:
         shadows = ema["shadow_params"]

@@ -187,6 +187,8 @@ class Diffusion(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         torch.manual_seed(step_seed(self.seed, self.global_rank, self.current_epoch, batch_idx))
+        for key, value in self.algorithm.on_train_batch_start(self.global_step).items():
+            self.log(f"train/{key}", value, on_step=True, on_epoch=False)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self._loss(batch)

@@ -38,16 +38,19 @@ given the *other* positions of x_t. Then ``s`` is the true ratio ``p_t(y) / p_t(
 reverse step above is the exact mixture over ``p(x_0^i | x_t)``. (Plugging ``p(x_0^i | x_t)``
 itself into ``x_theta`` is not optimal: tests/test_uniform_diffusion.py shows the gap on a toy.)
 
-**DUO.** ``argmax`` of the Gaussian latent ``ã x_0 + sqrt(1 - ã²) ε`` is a uniform-state
-latent with ``alpha = T(ã)`` (:mod:`duality`). DUO's training objective is the NELBO integrand
-above on a band of Gaussian noise levels: ``t ~ U[eps, 1]``, ``gamma_t = gamma_min + t (gamma_max -
-gamma_min)``, ``ã_t² = sigmoid(-gamma_t)``, ``alpha_t = T(ã_t)`` and ``dsigma/dt = -T'(ã_t) ã'_t /
-T(ã_t)`` with ``ã'_t = -ã_t (1 - ã_t²) (gamma_max - gamma_min) / 2``. Evaluation (validation,
-``ppl_eval``) uses the full NELBO with the noise schedule, as UDLM, like the reference.
+**DUO.** ``argmax`` of the Gaussian latent ``ã x_0 + sqrt(1 - ã²) ε`` is a uniform-state latent
+with ``alpha = T(ã)`` (:mod:`duality`). DUO's training objective during its curriculum is the NELBO
+integrand above on a band of Gaussian noise levels: ``t ~ U[eps, 1]``, ``gamma_t = gamma_min + t
+(gamma_max - gamma_min)``, ``ã_t² = sigmoid(-gamma_t)``, ``alpha_t = T(ã_t)`` and ``dsigma/dt =
+-T'(ã_t) ã'_t / T(ã_t)`` with ``ã'_t = -ã_t (1 - ã_t²) (gamma_max - gamma_min) / 2``, at ``x_t =
+argmax(w_t)``, the network fed ``softmax(w_t / τ)``. After the curriculum, and in evaluation
+(validation, ``ppl_eval``), it is UDLM's NELBO with the noise schedule, like the reference.
+Consistency distillation of a DUO model: :mod:`distillation`.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -57,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from algorithms import Algorithm, Backbone, Draws, LossOutput, sample_times, zero_mask_logit
-from duality import DualityValue, duality
+from duality import DualityValue, duality, gaussian_latent
 from noise_schedule import NoiseSchedule
 from samplers import X0_LOG_PROBS_UNIFORM
 
@@ -242,34 +245,77 @@ class UDLM(UniformDiffusion):
 
 
 class DUO(UniformDiffusion):
-    """DUO (Sahoo et al. 2025): UDLM trained through the Gaussian duality on a band of noise levels.
+    """DUO (Sahoo et al. 2025): UDLM trained through the Gaussian duality, with its curriculum.
 
-    Training (the backbone in training mode): the NELBO integrand at ``alpha_t = T(ã_t)`` for
-    ``gamma_t`` uniform in ``[gamma_min, gamma_max]`` (:meth:`band_noise`; module docstring), x_t
-    drawn from ``q(x_t | x_0)`` at that alpha, which is the law of ``argmax`` of the Gaussian
-    latent (:func:`duality.gaussian_latent`, tested against it). Evaluation (validation,
-    ``ppl_eval``): the full NELBO with ``noise``, as :class:`UDLM`. The band is the reference's
-    curriculum phase (``duo.yaml``: gamma in [-3.5, -1.75]), here with discrete inputs; the
-    tempered-softmax inputs and the switch to the plain NELBO after N steps come with the curriculum.
+    **Curriculum** (training steps ``0 .. curriculum_end - 1``; :meth:`on_train_batch_start` tells the
+    step): the NELBO integrand at ``alpha_t = T(ã_t)`` for ``gamma_t`` uniform in ``[gamma_min,
+    gamma_max]`` (:meth:`band_noise`; module docstring), at ``x_t = argmax(w_t)`` of the Gaussian latent
+    ``w_t = ã_t e_x0 + sqrt(1 - ã_t²) ε`` (:func:`duality.gaussian_latent`), while the network is fed the
+    tempered softmax ``softmax(w_t / τ)`` instead of the one-hot x_t (:meth:`curriculum_nll`). τ is
+    annealed on a log10 scale (:meth:`tau`): ``log10 τ = gumbel_tau_log10_start`` before
+    ``curriculum_start``, then linear to ``gumbel_tau_log10_end`` at ``curriculum_end``.
+    **After it**, and always in evaluation (validation, ``ppl_eval``): UDLM's NELBO with ``noise`` and
+    discrete inputs. The reference's defaults (``configs/algorithm/duo.yaml``) are for 1M-step runs;
+    its LM1B / OWT scripts use ``curriculum_start=0``, ``curriculum_end=500_000`` and τ = 1e-3 throughout.
 
     Args:
         noise, mask_index, sampling_eps, antithetic_sampling: as :class:`UniformDiffusion`.
-        gamma_min, gamma_max: the band of Gaussian log noise-to-signal ratios,
+        gamma_min, gamma_max: the curriculum's band of Gaussian log noise-to-signal ratios,
             ``ã² = sigmoid(-gamma)``, gamma_min < gamma_max.
+        curriculum_start, curriculum_end: training steps, 0 <= start <= end; ``curriculum_end=0``: no curriculum.
+        gumbel_tau_log10_start, gumbel_tau_log10_end: log10 of the softmax temperature at those steps.
     """
 
     name = "duo"
     parameterization = "duo"
 
     def __init__(self, noise: NoiseSchedule, mask_index: int, sampling_eps: float = 1e-3,
-                 antithetic_sampling: bool = True, gamma_min: float = -3.5, gamma_max: float = -1.75) -> None:
+                 antithetic_sampling: bool = True, gamma_min: float = -3.5, gamma_max: float = -1.75,
+                 curriculum_start: int = 100_000, curriculum_end: int = 200_000,
+                 gumbel_tau_log10_start: float = -1.0, gumbel_tau_log10_end: float = -2.0) -> None:
         super().__init__(noise, mask_index, sampling_eps, antithetic_sampling)
         if not (math.isfinite(gamma_min) and math.isfinite(gamma_max) and gamma_min < gamma_max):
             raise ValueError(f"DUO needs finite gamma_min < gamma_max (algorithm.gamma_min / algorithm.gamma_max), "
                              f"got {gamma_min} and {gamma_max}.")
+        for name, value in (("curriculum_start", curriculum_start), ("curriculum_end", curriculum_end)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"algorithm.{name} must be a step count >= 0, got {value!r}.")
+        if curriculum_start > curriculum_end:
+            raise ValueError(f"algorithm.curriculum_start={curriculum_start} is after algorithm.curriculum_end="
+                             f"{curriculum_end}: the temperature is annealed from start to end (0 / 0: no curriculum).")
+        if not (math.isfinite(gumbel_tau_log10_start) and math.isfinite(gumbel_tau_log10_end)):
+            raise ValueError("algorithm.gumbel_tau_log10_start / _end must be finite (log10 of the temperature), "
+                             f"got {gumbel_tau_log10_start} and {gumbel_tau_log10_end}.")
         self.gamma_min = float(gamma_min)
         self.gamma_max = float(gamma_max)
+        self.curriculum_start = int(curriculum_start)
+        self.curriculum_end = int(curriculum_end)
+        self.gumbel_tau_log10_start = float(gumbel_tau_log10_start)
+        self.gumbel_tau_log10_end = float(gumbel_tau_log10_end)
+        self.step = 0  # optimizer steps taken (on_train_batch_start); 0 outside a trainer
 
+    # ----------------------------------------------------------------- the curriculum's schedule
+    def tau(self, step: int) -> float | None:
+        """The softmax temperature at a training step, or None from ``curriculum_end`` on (discrete inputs).
+
+        ``log10 τ = start`` for step < curriculum_start, ``start + (step - curriculum_start) / (curriculum_end -
+        curriculum_start) (end - start)`` up to curriculum_end (the reference's ``_compute_gumbel_tau_inverse``).
+        """
+        if step >= self.curriculum_end:
+            return None
+        log10_tau = self.gumbel_tau_log10_start
+        if step >= self.curriculum_start:
+            fraction = (step - self.curriculum_start) / (self.curriculum_end - self.curriculum_start)
+            log10_tau += fraction * (self.gumbel_tau_log10_end - self.gumbel_tau_log10_start)
+        return 10.0**log10_tau
+
+    def on_train_batch_start(self, step: int) -> dict[str, float]:
+        """Record the step; log ``curriculum_on`` (1 / 0) and ``curriculum_tau`` (0 once the inputs are discrete)."""
+        self.step = int(step)
+        tau = self.tau(self.step)
+        return {"curriculum_on": float(tau is not None), "curriculum_tau": 0.0 if tau is None else tau}
+
+    # ----------------------------------------------------------------- losses
     def band_noise(self, t: Tensor, num_real: int) -> tuple[Tensor, Tensor, Tensor, DualityValue]:
         """``(sigma, dsigma/dt, ã)`` (B,) float64 at band times t (B,), and T's values there.
 
@@ -286,21 +332,46 @@ class DUO(UniformDiffusion):
         return sigma, dsigma, a_tilde, value
 
     def band_nll(self, backbone: Backbone, x0: Tensor, xt: Tensor, t: Tensor) -> Tensor:
-        """DUO's training loss per token (B, L) at band times t (B,), for x_t drawn at ``alpha = T(ã_t)``."""
+        """The band's loss per token (B, L) at times t (B,) with discrete inputs x_t, drawn at ``alpha = T(ã_t)``
+        (the curriculum's loss as τ -> 0)."""
         sigma, dsigma, _, _ = self.band_noise(t, backbone_vocab_size(backbone) - 1)
         return udlm_nelbo(backbone(xt, sigma.float()), x0, xt, sigma, dsigma, self.mask_index)
 
+    def curriculum_nll(self, backbone: Backbone, x0: Tensor, t: Tensor, tau: float,
+                       generator: torch.Generator | None = None) -> Tensor:
+        """The curriculum's loss per token (B, L) at band times t (B,) and temperature τ.
+
+        ``w = gaussian_latent(x0, ã_t)`` (B, L, V) (ε from ``generator``), ``x_t = argmax(w)``, the network
+        fed ``softmax(w / τ)`` (the mask's weight 0), and :func:`udlm_nelbo` at x_t with the band's sigma.
+        """
+        vocab_size = backbone_vocab_size(backbone)
+        check_soft_inputs(backbone)
+        sigma, dsigma, a_tilde, _ = self.band_noise(t, vocab_size - 1)
+        w = gaussian_latent(x0, a_tilde.float(), vocab_size, self.mask_index, generator)   # (B, L, V)
+        xt = w.argmax(-1)                                                                     # (B, L)
+        weights = torch.softmax(w.div_(tau), dim=-1)                                          # (B, L, V)
+        del w
+        logits = backbone(xt, sigma.float(), soft_inputs=weights)
+        return udlm_nelbo(logits, x0, xt, sigma, dsigma, self.mask_index)
+
     def loss(self, backbone: nn.Module, x0: Tensor, attention_mask: Tensor, padded: bool | None = None,
              draws: Draws | None = None) -> LossOutput:
-        """Training: the band loss (:meth:`band_nll`); evaluation (backbone in eval mode): the NELBO."""
-        if not backbone.training:
+        """Training during the curriculum: :meth:`curriculum_nll` (given ``draws`` fix the times only); after it
+        and in evaluation (backbone in eval mode): the NELBO."""
+        tau = self.tau(self.step)
+        if not backbone.training or tau is None:
             return self.nelbo(backbone, x0, attention_mask, padded, draws)
-        vocab_size = backbone_vocab_size(backbone)
         bound = self.with_padding_mask(backbone, attention_mask, padded)
         t = self.sample_t(x0.shape[0], x0.device, u=None if draws is None else draws.time)
-        _, _, _, value = self.band_noise(t, vocab_size - 1)
-        xt = q_xt_uniform(x0, value.one_minus.float()[:, None], vocab_size, self.mask_index,
-                          u=None if draws is None else draws.mask)
-        nll = self.band_nll(bound, x0, xt, t)
+        nll = self.curriculum_nll(bound, x0, t, tau)
         return LossOutput(nll=nll * attention_mask, mask=attention_mask, tokens=x0)
 
+
+def check_soft_inputs(backbone: Any) -> None:
+    """A ValueError unless ``backbone`` (or the function a ``functools.partial`` binds) takes ``soft_inputs=``."""
+    forward = getattr(getattr(backbone, "func", backbone), "forward", backbone)
+    parameters = inspect.signature(forward).parameters.values()
+    if not any(p.name == "soft_inputs" or p.kind is p.VAR_KEYWORD for p in parameters):
+        name = type(getattr(backbone, "func", backbone)).__name__
+        raise ValueError(f"DUO's curriculum feeds the network soft inputs (soft_inputs=), which {name} does not take: "
+                         "use backbone=dit, or train without the curriculum (algorithm.curriculum_end=0).")

@@ -470,6 +470,13 @@ class TokenEmbedding(nn.Module):
         """indices (B, L) long -> (B, L, D)."""
         return self.embedding[indices]
 
+    def mix(self, weights: Tensor) -> Tensor:
+        """weights (B, L, V) -> ``weights @ embedding`` (B, L, D), computed in float32 (autocast off) and
+        returned in the table's dtype, as the lookup. A one-hot row gives exactly its token's row of the
+        table (products by 0 and 1 are exact)."""
+        with torch.autocast(device_type=weights.device.type, enabled=False):
+            return (weights.float() @ self.embedding.float()).to(self.embedding.dtype)
+
 
 class TimestepEmbedder(nn.Module):
     """Embed the noise level: sinusoidal features of sigma through Linear-SiLU-Linear.
@@ -676,8 +683,14 @@ class DiT(nn.Module):
 
     def forward(self, indices: Tensor, sigma: Tensor, attention_mask: Tensor | None = None,
                 attn_mask: Tensor | None = None, positions: Tensor | None = None,
-                cache: KVCache | None = None, output_mask: Tensor | None = None) -> Tensor:
+                cache: KVCache | None = None, output_mask: Tensor | None = None,
+                soft_inputs: Tensor | None = None) -> Tensor:
         """indices (B, L) long, sigma (B,) float -> logits (B, L, vocab_size).
+
+        ``soft_inputs`` (B, L, vocab_size): weights over the vocabulary in place of the one-hot
+        ``indices`` (DUO's curriculum feeds ``softmax(w / tau)``); the input embedding is then
+        ``soft_inputs @ embedding`` in float32, and a one-hot row gives exactly its token's logits.
+        ``indices`` still give the batch shape (and ``output_mask`` / padding refer to it).
 
         ``output_mask`` (B, L) bool: the logits (N, vocab_size) of the N positions where it is
         True only, in row-major order (``logits[output_mask]`` of the full call). The output
@@ -699,7 +712,13 @@ class DiT(nn.Module):
             raise ValueError(
                 f'sigma must be (B,) = ({indices.shape[0]},), got shape {tuple(sigma.shape)}')
         padding = to_key_padding_mask(attention_mask, indices)  # (B, L) bool or None
-        x = self.vocab_embed(indices)  # (B, L, D)
+        if soft_inputs is None:
+            x = self.vocab_embed(indices)  # (B, L, D)
+        elif soft_inputs.shape != (*indices.shape, self.vocab_size):
+            raise ValueError(f'soft_inputs must be (B, L, vocab_size) = {(*indices.shape, self.vocab_size)}, '
+                             f'got {tuple(soft_inputs.shape)}')
+        else:
+            x = self.vocab_embed.mix(soft_inputs)  # (B, L, D)
         c = F.silu(self.sigma_map(sigma))  # (B, cond_dim)
         if cache is not None:
             if padding is not None or attn_mask is not None or positions is not None:

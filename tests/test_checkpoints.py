@@ -648,6 +648,17 @@ OPTION_CASES = [
     ("duo", "antithetic_sampling", ["training.antithetic_sampling=false"], False),
     ("duo", "gamma_min", ["algorithm.gamma_min=-3.55"], -3.55),
     ("duo", "gamma_max", ["algorithm.gamma_max=-1.85"], -1.85),
+    ("duo", "curriculum_start", ["algorithm.curriculum_start=0"], 0),
+    ("duo", "curriculum_end", ["algorithm.curriculum_end=500000"], 500_000),
+    ("duo", "gumbel_tau_log10_start", ["algorithm.gumbel_tau_log10_start=-3"], -3.0),
+    ("duo", "gumbel_tau_log10_end", ["algorithm.gumbel_tau_log10_end=-3"], -3.0),
+    ("duo_distill", "sampling_eps", ["training.sampling_eps=0.01"], 0.01),
+    ("duo_distill", "antithetic_sampling", ["training.antithetic_sampling=false"], False),
+    ("duo_distill", "gamma_min", ["algorithm.gamma_min=-3.5"], -3.5),
+    ("duo_distill", "gamma_max", ["algorithm.gamma_max=-1.5"], -1.5),
+    ("duo_distill", "loss_type", ["algorithm.loss_type=kl-fwd"], "kl-fwd"),
+    ("duo_distill", "T", ["algorithm.T=512"], 512),
+    ("duo_distill", "update_teacher_every", ["algorithm.update_teacher_every=500"], 500),
 ]
 
 

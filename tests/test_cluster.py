@@ -22,8 +22,9 @@ EXPECTED = {
     "train_owt_mdlm", "train_owt_sedd", "train_owt_ar", "train_lm1b_ar", "train_lm1b_d3pm", "eval_owt_mdlm",
     "eval_owt_ar", "eval_owt_sedd", "sample_owt_mdlm", "sample_owt_mdlm_semi_ar",
     "train_owt_bd3lm", "train_lm1b_bd3lm", "eval_owt_bd3lm", "sample_owt_bd3lm",
+    "train_lm1b_duo", "train_owt_duo", "distill_owt_duo",
 }
-NEEDS_CHECKPOINT = ("eval", "train_owt_bd3lm", "train_lm1b_bd3lm")
+NEEDS_CHECKPOINT = ("eval", "train_owt_bd3lm", "train_lm1b_bd3lm", "distill")
 SLURM_ENV = {"SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "8", "SLURM_JOB_NAME": "mdlm-owt", "SLURM_JOB_ID": "4242"}
 
 
@@ -49,7 +50,7 @@ def test_script_syntax_and_rendered_command(script: Path, tmp_path: Path) -> Non
     assert command[:4] == ["srun", "python", "-u", "main.py"]
     overrides = command[4:]
     assert "hydra.run.dir=outputs/mdlm-owt/4242" in overrides  # a requeued job resumes in the same folder
-    if script.stem.startswith(("train", "eval")):
+    if script.stem.startswith(("train", "eval", "distill")):
         assert "trainer.num_nodes=2" in overrides and "trainer.devices=8" in overrides
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
         cfg = compose("config", overrides=translate([o for o in overrides if not o.startswith("hydra.")]
@@ -61,6 +62,14 @@ def test_script_syntax_and_rendered_command(script: Path, tmp_path: Path) -> Non
     if "bd3lm" in script.stem and script.stem.startswith("train"):  # fine-tuned from an MDLM, as in the paper
         assert cfg.training.from_pretrained == "/ckpt/last.ckpt" and cfg.training.clip_search_widths
         assert cfg.block_size == 16 and cfg.algorithm._target_ == "block_diffusion.BD3LM"
+    if "duo" in script.stem:  # the reference's recipes: the curriculum for 500K of 1M steps; distilled in 5 rounds
+        if script.stem.startswith("train"):
+            assert cfg.algorithm._target_ == "uniform_diffusion.DUO" and cfg.algorithm.curriculum_end == 500_000
+            assert cfg.trainer.max_steps == 1_000_000 and cfg.sampling.steps == 1024
+        else:
+            assert cfg.algorithm._target_ == "distillation.DUODistill" and cfg.algorithm.T == 512
+            assert cfg.training.from_pretrained == "/ckpt/last.ckpt" and cfg.sampling.steps == 8
+            assert cfg.trainer.max_steps == 5 * cfg.algorithm.update_teacher_every
     if "semi_ar" in script.stem:
         assert cfg.sampling.semi_ar and cfg.model.length + cfg.sampling.num_strides * cfg.sampling.stride_length == 2048
 

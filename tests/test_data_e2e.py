@@ -43,6 +43,34 @@ def test_paper_experiments_compose_and_validate(tmp_path: Path, name: str) -> No
     assert cfg.data.wrap == (data == "owt")  # LM1B: sentence level, padded
 
 
+DUO_EXPERIMENTS = {  # name: (length, data.train, wrap, algorithm, global batch, steps, sampling steps)
+    "lm1b_duo": (128, "lm1b", False, "uniform_diffusion.DUO", 512, 1_000_000, 1024),
+    "owt_duo": (1024, "openwebtext-train", True, "uniform_diffusion.DUO", 512, 1_000_000, 1024),
+    "owt_duo_distill": (1024, "openwebtext-train", True, "distillation.DUODistill", 128, 50_000, 8),
+}
+
+
+@pytest.mark.parametrize("name", DUO_EXPERIMENTS)
+def test_duo_experiments_compose_and_validate(tmp_path: Path, name: str) -> None:
+    """The reference's DUO recipes (s-sahoo/duo scripts/train_*_duo.sh, distil_owt.sh)."""
+    overrides = [f"experiment={name}", f"checkpointing.save_dir={tmp_path}"]
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        main.validate_config(cfg)
+    length, train, wrap, target, batch, steps, sampling_steps = DUO_EXPERIMENTS[name]
+    assert (cfg.model.length, cfg.data.train, cfg.data.wrap, cfg.algorithm._target_) == (length, train, wrap, target)
+    assert (cfg.loader.global_batch_size, cfg.trainer.max_steps, cfg.sampling.steps) == (batch, steps, sampling_steps)
+    assert cfg.sampler._target_ == "uniform_samplers.UniformAncestralSampler" and cfg.model.name == "small"
+    if target.endswith("DUO"):
+        assert (cfg.algorithm.curriculum_start, cfg.algorithm.curriculum_end) == (0, 500_000)
+        assert cfg.algorithm.gumbel_tau_log10_start == cfg.algorithm.gumbel_tau_log10_end == -3.0
+        assert cfg.algorithm.gamma_min == (-3.5 if name == "lm1b_duo" else -3.55)
+    else:
+        assert (cfg.algorithm.T, cfg.algorithm.update_teacher_every, cfg.algorithm.loss_type) == (512, 10_000, "kl-bwd")
+        assert cfg.optim.lr == 6e-5 and cfg.training.ema == 0.999
+
+
 def write_wikitext(folder: Path) -> Path:
     folder.mkdir(parents=True)
     lines = " = Heading = \n \n the quick brown fox @-@ jumps over the lazy dog . \n \n"
