@@ -9,6 +9,7 @@ Prints the tables and writes them (Markdown) to ``--out``.
     python scripts/reproduce_tables.py --budget long   # 32x the training tokens
     python scripts/reproduce_tables.py --budget smoke  # seconds; for tests
     python scripts/reproduce_tables.py --table bd3lm   # block diffusion: AR < BD3-LM L'=4 < L'=16 < MDLM?
+    python scripts/reproduce_tables.py --table duo     # uniform-state diffusion: MDLM < DUO < UDLM?
 
 Data: Penn Treebank with the GPT-2 tokenizer from ../shared/data when present, else the
 built-in corpus (``--data synthetic`` forces it). The paper's ordering in perplexity is
@@ -56,6 +57,39 @@ BLOCK_DIFFUSION = [  # BD3-LM's Table 3 ordering, all trained from scratch with 
     Run("BD3-LM L'=16", ["algorithm=bd3lm", "block_size=16"]),
     MODELS[1],
 ]
+UNIFORM_STATE = [  # DUO's Table 1 ordering (LM1B / OWT); DUO with its defaults (at this budget: no curriculum)
+    MODELS[1],
+    Run("DUO", ["algorithm=duo"]),
+    Run("UDLM", ["algorithm=udlm"]),
+]
+
+
+@dataclass
+class Comparison:
+    """A table of models trained from scratch with one budget: its title, what differs from the paper, the
+    paper's numbers, the default output file."""
+
+    title: str
+    note: str
+    paper: str
+    runs: list[Run]
+    out: str
+
+
+COMPARISONS = {
+    "bd3lm": Comparison(
+        "BD3-LM's comparison (block diffusion between AR and MDLM)",
+        "every model trained from scratch (the paper fine-tunes BD3-LM from MDLM); same validation tokens; the "
+        "BD3-LM bound is the unclipped one.",
+        "Paper (OWT, PPL): AR 17.54 < BD3-LM L'=4 20.73 < L'=8 21.68 < L'=16 22.27 < MDLM 22.98",
+        BLOCK_DIFFUSION, "bd3lm_small.md"),
+    "duo": Comparison(
+        "DUO's comparison (uniform-state diffusion against MDLM)",
+        "every model trained from scratch; same validation tokens; the DUO and UDLM rows are UDLM's NELBO (DUO "
+        "trains on its duality band; its curriculum starts at step 100K by default, so not within this budget).",
+        "Paper (PPL): LM1B AR 22.3 < MDLM 27.0 < DUO 29.9 < UDLM 31.3; OWT AR 17.5 < MDLM 23.2 < DUO 25.2 < UDLM 27.4",
+        UNIFORM_STATE, "duo_small.md"),
+}
 ABLATIONS = [
     Run("MDLM, T=1000", ["parameterization=subs", "T=1000"]),
     Run("  w/o carry-over", ["parameterization=d3pm", "T=1000", "subs_masking=true", "sampling.predictor=ddpm"]),
@@ -133,10 +167,12 @@ def main() -> None:
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="default")
     parser.add_argument("--data", choices=("auto", "ptb", "synthetic"), default="auto")
     parser.add_argument("--model", default="micro", help="model size config for every run (default micro)")
-    parser.add_argument("--table", choices=("mdlm", "bd3lm"), default="mdlm",
-                        help="mdlm: the MDLM paper's tables; bd3lm: AR, BD3-LM (L' = 4, 16) and MDLM")
+    parser.add_argument("--table", choices=("mdlm", *COMPARISONS), default="mdlm",
+                        help="mdlm: the MDLM paper's tables; bd3lm: AR, BD3-LM (L' = 4, 16) and MDLM; "
+                             "duo: MDLM, DUO and UDLM")
     parser.add_argument("--out", type=Path, default=None,
-                        help="default: results/paper_tables_small.md (mdlm) or results/bd3lm_small.md (bd3lm)")
+                        help="default: results/paper_tables_small.md (mdlm), results/bd3lm_small.md (bd3lm), "
+                             "results/duo_small.md (duo)")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "outputs" / "reproduce")
     args = parser.parse_args()
     b = BUDGETS[args.budget]
@@ -159,9 +195,10 @@ def main() -> None:
     ]
     out_dir = args.work_dir / args.budget
     started = time.perf_counter()
-    if args.table == "bd3lm":
-        args.out = args.out or ROOT / "results" / "bd3lm_small.md"
-        block_diffusion_table(args, b, data_name, common, out_dir, started)
+    if args.table in COMPARISONS:
+        comparison = COMPARISONS[args.table]
+        args.out = args.out or ROOT / "results" / comparison.out
+        comparison_table(args, comparison, b, data_name, common, out_dir, started)
         return
     args.out = args.out or ROOT / "results" / "paper_tables_small.md"
     lines = [
@@ -223,27 +260,25 @@ def write_table(lines: list[str], out: Path, results: dict[str, dict]) -> None:
         raise SystemExit("a run produced a non-finite NLL")
 
 
-def block_diffusion_table(args: argparse.Namespace, b: dict, data_name: str, common: list[str], out_dir: Path,
-                          started: float) -> None:
+def comparison_table(args: argparse.Namespace, comparison: Comparison, b: dict, data_name: str,
+                     common: list[str], out_dir: Path, started: float) -> None:
     lines = [
-        "# Small-scale reproduction of BD3-LM's comparison (block diffusion between AR and MDLM)",
+        f"# Small-scale reproduction of {comparison.title}",
         "",
         f"Data: {data_name}; model `{args.model}` for every run; {b['steps']} steps x {b['batch']} sequences x "
-        f"{b['length']} tokens = {b['steps'] * b['batch'] * b['length']:,} training tokens each, every model "
-        "trained from scratch (the paper fine-tunes BD3-LM from MDLM); same validation tokens; the BD3-LM bound "
-        "is the unclipped one.",
-        f"Command: `python scripts/reproduce_tables.py --table bd3lm --budget {args.budget} --data {args.data} "
+        f"{b['length']} tokens = {b['steps'] * b['batch'] * b['length']:,} training tokens each, {comparison.note}",
+        f"Command: `python scripts/reproduce_tables.py --table {args.table} --budget {args.budget} --data {args.data} "
         f"--model {args.model}`",
         "",
-        "## Paper (OWT, PPL): AR 17.54 < BD3-LM L'=4 20.73 < L'=8 21.68 < L'=16 22.27 < MDLM 22.98",
+        f"## {comparison.paper}",
         "",
         HEADER,
     ]
-    results = train_rows(BLOCK_DIFFUSION, common, out_dir, lines)
+    results = train_rows(comparison.runs, common, out_dir, lines)
     minutes = (time.perf_counter() - started) / 60
     lines += ["",
               f"Total run time: {minutes:.1f} min. Standard errors are over validation sequences (one time sample "
-              "per block for the diffusion bounds)."]
+              "per sequence or block for the diffusion bounds)."]
     write_table(lines, args.out, results)
 
 

@@ -166,8 +166,11 @@ def test_train_on_your_own_text_files(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["parameterization=subs", "T=1000"],
-        ["parameterization=d3pm", "T=1000", "subs_masking=true", "sampling.predictor=ddpm"],
+        # Discrete-time MDLM and D3PM go through the same CLI path as SEDD and AR (their losses and samplers
+        # are tested in process); -m slow runs them through the CLI too (suite time: docs/testing.md).
+        pytest.param(["parameterization=subs", "T=1000"], marks=pytest.mark.slow),
+        pytest.param(["parameterization=d3pm", "T=1000", "subs_masking=true", "sampling.predictor=ddpm"],
+                     marks=pytest.mark.slow),
         ["parameterization=sedd", "noise=geometric", "sampling.predictor=analytic"],
         ["parameterization=ar", "backbone=ar"],
     ],
@@ -192,11 +195,15 @@ def test_every_parameterization_trains_evaluates_and_samples(tmp_path: Path, ove
     "overrides,message",
     [
         (["parameterization=ar"], "algorithm=ar with backbone DiT: it needs a causal backbone: backbone=ar"),
-        (["backbone=ar"], "algorithm=mdlm with backbone ARTransformer: it needs a bidirectional backbone"),
+        # Each case is a process start (~8 s); the slow ones are checked in process elsewhere too, or are
+        # Hydra's own message.
+        pytest.param(["backbone=ar"], "algorithm=mdlm with backbone ARTransformer: it needs a bidirectional backbone",
+                     marks=pytest.mark.slow),
         (["parameterization=sedd", "sampling.predictor=ddpm"], "valid choices: ['analytic']"),
-        (["parameterization=d3pm"], "T=1000"),
-        (["parameterization=nope"], "Could not find 'algorithm/nope'"),
-        (["subs_masking=true"], "subs_masking=true is not an option of algorithm=mdlm"),
+        pytest.param(["parameterization=d3pm"], "T=1000", marks=pytest.mark.slow),
+        pytest.param(["parameterization=nope"], "Could not find 'algorithm/nope'", marks=pytest.mark.slow),
+        pytest.param(["subs_masking=true"], "subs_masking=true is not an option of algorithm=mdlm",
+                     marks=pytest.mark.slow),
         (["sampling.predictor=ddpm", "sampler=analytic"], "contradicts sampler=analytic"),
         (["data=ptb"], "(experiment=quickstart sets data keys for its own data set)"),
         (["sampling.var_length=true"], "sampling.var_length=true applies to block diffusion (algorithm=bd3lm)"),

@@ -71,6 +71,7 @@ def test_score_refuses_the_mask_token(pipe: Pipeline) -> None:
         pipe.score("the [MASK] slept .")
 
 
+@pytest.mark.slow  # a sample_eval process (~13 s); the docs example test runs generate in the default suite
 def test_generate_draws_what_sample_eval_draws(pipe: Pipeline, checkpoint: Path, tmp_path: Path) -> None:
     run_main(tmp_path, "mode=sample_eval", f"eval.checkpoint_path={checkpoint}", "sampler=first_hitting", "seed=3",
              "loader.eval_batch_size=2", "sampling.num_sample_batches=2")

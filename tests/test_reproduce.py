@@ -24,12 +24,16 @@ def test_reproduce_tables_smoke(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_reproduce_block_diffusion_smoke(tmp_path: Path) -> None:
-    out = tmp_path / "bd3lm.md"
-    cmd = [sys.executable, "scripts/reproduce_tables.py", "--table", "bd3lm", "--budget", "smoke", "--data",
+@pytest.mark.parametrize("table,rows", [
+    ("bd3lm", ("| AR |", "| BD3-LM L'=4 |", "| BD3-LM L'=16 |", "| MDLM |")),
+    ("duo", ("| MDLM |", "| DUO |", "| UDLM |", "DUO's comparison")),
+])
+def test_reproduce_comparison_smoke(tmp_path: Path, table: str, rows: tuple[str, ...]) -> None:
+    out = tmp_path / f"{table}.md"
+    cmd = [sys.executable, "scripts/reproduce_tables.py", "--table", table, "--budget", "smoke", "--data",
            "synthetic", "--out", str(out), "--work-dir", str(tmp_path / "work")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = out.read_text()
-    for row in ("| AR |", "| BD3-LM L'=4 |", "| BD3-LM L'=16 |", "| MDLM |", "Measured order"):
+    for row in (*rows, "Measured order", f"--table {table} --budget smoke"):
         assert row in text
