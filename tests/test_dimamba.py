@@ -4,7 +4,6 @@ padding, training under each loss, checkpoints, configs and an end-to-end CLI ru
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,14 +30,7 @@ from noise_schedule import LogLinear
 VOCAB, HIDDEN, COND, BLOCKS = 50, 32, 16, 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """These models are tiny: a second intra-op thread only adds synchronisation, and on a busy
-    machine its spin-waiting makes each small op orders of magnitude slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.one_thread)
 
 
 def make_model(conditioning: str = "adaln", seed: int = 0, bidirectional: bool = True) -> DiMamba:

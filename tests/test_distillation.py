@@ -29,12 +29,7 @@ V, MASK = 9, 4                                                     # 8 real toke
 REAL = torch.tensor([v for v in range(V) if v != MASK])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.one_thread)
 
 
 def full_argmax(x0: Tensor, a_tilde: Tensor, epsilon: Tensor) -> Tensor:

@@ -48,13 +48,7 @@ def _load_replay() -> Any:
 replay = _load_replay()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    """A 16-wide model runs fastest on one thread (two contend on a busy 2-core machine); restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.one_thread)
 
 
 def config(*overrides: str) -> Any:

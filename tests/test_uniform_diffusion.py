@@ -48,13 +48,7 @@ P = torch.from_numpy(JOINT.reshape(-1))                            # (27,) float
 ONE_HOT = torch.nn.functional.one_hot(SEQS, K).double()            # (27, L, K)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The toy's tensors are tiny: on a loaded 2-core machine a second intra-op thread makes them ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.one_thread)
 
 
 # --------------------------------------------------------------------------- the toy's exact quantities
