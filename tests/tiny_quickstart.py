@@ -9,24 +9,15 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from test_main_e2e import TINY
 
-# experiment=quickstart at the size of test_main_e2e.py's TINY, 8 steps: a real training run, in seconds.
+# test_main_e2e.py's TINY (experiment=quickstart at a tiny size), 8 steps, no sanity check or logged samples:
+# a real training run, in seconds.
+_SET_HERE = ("trainer.num_sanity_val_steps=", "trainer.log_every_n_steps=", "sampling.num_sample_log=")
 TINY_QUICKSTART = [
-    "experiment=quickstart",
-    "model.hidden_size=32",
-    "model.cond_dim=16",
-    "model.n_blocks=1",
-    "model.n_heads=2",
-    "model.length=16",
-    "data.num_train_sequences=96",
-    "data.num_valid_sequences=32",
-    "loader.global_batch_size=8",
-    "loader.eval_global_batch_size=16",
-    "trainer.val_check_interval=4",
+    *(o for o in TINY if not o.startswith(_SET_HERE)),
     "trainer.num_sanity_val_steps=0",
     "trainer.max_steps=8",
-    "callbacks.checkpoint_every_n_steps.every_n_train_steps=4",
-    "sampling.steps=8",
     "sampling.num_sample_log=0",
     "wandb.mode=disabled",
 ]
