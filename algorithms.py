@@ -403,6 +403,8 @@ class Algorithm(nn.Module):
         exact_likelihood: the loss is the NLL itself (AR) rather than an upper bound on it.
         semi_ar: ``sampling.semi_ar`` windows apply to its samples.
         var_length: :meth:`sample` takes ``stop_token`` and can end samples early (``sampling.var_length``).
+        needs_pretrained: training starts from a trained model (``training.from_pretrained``), e.g. a
+            distillation, whose teacher it is.
         model_options: constructor options that change what the network computes or is fed.
             Evaluation takes every option from the checkpoint; a command line that contradicts
             one of these is an error, while the others (e.g. an evaluation-time ``T``) may be changed.
@@ -417,6 +419,7 @@ class Algorithm(nn.Module):
     exact_likelihood: ClassVar[bool] = False  # the loss is the NLL itself (AR), not an upper bound on it
     semi_ar: ClassVar[bool] = True  # sampling.semi_ar windows apply (not to block diffusion, which extends by blocks)
     var_length: ClassVar[bool] = False  # sample() takes stop_token (sampling.var_length; block diffusion)
+    needs_pretrained: ClassVar[bool] = False  # training needs training.from_pretrained (distillation)
 
     def __init__(self, mask_index: int) -> None:
         super().__init__()

@@ -19,6 +19,12 @@ counts how often a decided token was masked again or redrawn between two calls. 
     UNDECIDED = -2  masked in the output (``noise_removal=false``), or changed with no call
                     of its sampler run to attribute it to (``null`` in samples.jsonl).
 
+Uniform-state samplers (UDLM, DUO) have no mask state after their start: they replace the
+template's masks by draws from the uniform prior before the first call, and every step may
+change any generated position. There a position's step is the last call whose output changed
+it (its last change, often the greedy final call), and ``remasks`` counts its changes after the
+first; GIVEN still marks the template's given tokens.
+
 The step is the denoiser-call index, so it is NFE-aligned: call k is function evaluation
 k + 1 and the largest step is at most NFE - 1. (BD3-LM with ``kv_cache`` adds to its NFE one
 call per finished block but the last, which caches the block's keys and values; those are not

@@ -114,6 +114,7 @@ class DUODistill(DUO):
 
     name = "duo_distill"
     parameterization = "duo"
+    needs_pretrained = True  # the teacher is the starting model
 
     def __init__(self, noise: NoiseSchedule, mask_index: int, sampling_eps: float = 1e-3,
                  antithetic_sampling: bool = True, gamma_min: float = -4.0, gamma_max: float = -1.0,

@@ -408,10 +408,15 @@ def report_likelihood(results: dict[str, float], title: str, exact: bool = False
 
 # --------------------------------------------------------------------------- modes
 def train(cfg: DictConfig, run_dir: Path) -> None:
-    data, vocab_size, mask_index = build_data(cfg)
-    module = build_module(cfg, vocab_size, mask_index, special_ids(data))
     ckpt_path = Path(cfg.checkpointing.resume_ckpt_path)
     resume = resume_checkpoint(ckpt_path, run_dir) if cfg.checkpointing.resume_from_ckpt else None
+    algorithm: type[Algorithm] = get_class(cfg.algorithm._target_)
+    if algorithm.needs_pretrained and not cfg.training.from_pretrained and resume is None:
+        raise ValueError(f"algorithm={algorithm.name} starts from a trained model, its teacher: add "
+                         f"training.from_pretrained=/path/to/checkpoints/last.ckpt (e.g. a DUO run's). "
+                         f"(No checkpoint to resume in {run_dir} either.)")
+    data, vocab_size, mask_index = build_data(cfg)
+    module = build_module(cfg, vocab_size, mask_index, special_ids(data))
     if cfg.training.from_pretrained and resume is None:  # a resumed run has its own weights
         init_from_pretrained(cfg, module, vocab_size)
     trainer, train_plan, eval_plan = build_trainer(cfg, run_dir)

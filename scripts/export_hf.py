@@ -7,9 +7,10 @@
 The source may be any format ``eval.checkpoint_path`` accepts (ours, the original's mdlm.ckpt /
 sedd.ckpt, a Hugging Face directory or hub repo). The exported directory loads with
 ``AutoModelForMaskedLM.from_pretrained(dir)`` after ``import models.hf`` (no remote code), and with
-``eval.checkpoint_path=dir backbone=hf_dit``. Only DiT checkpoints (MDLM, SEDD, D3PM) can be
-exported; the AR transformer has no Hugging Face MDLM form. ``--to-ckpt`` writes a checkpoint of
-this code for evaluation (``state_dict``, ``config``, ``ema``). Both directions are exact.
+``eval.checkpoint_path=dir backbone=hf_dit``. Only DiT checkpoints (MDLM, SEDD, D3PM, UDLM, DUO and
+its distilled students: config.json records the algorithm with its options) can be exported; the
+AR transformer has no Hugging Face MDLM form. ``--to-ckpt`` writes a checkpoint of this code for
+evaluation (``state_dict``, ``config``, ``ema``). Both directions are exact.
 """
 
 from __future__ import annotations

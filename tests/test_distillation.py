@@ -14,11 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT
+from hydra import compose, initialize_config_dir
 from scipy import stats
 from test_main_e2e import TINY, run_main
 from test_uniform_diffusion import scipy_alpha
 from torch import Tensor, nn
 
+import main
 from algorithms import Draws
 from distillation import DUODistill, SharedNoise, distillation_divergence
 from duality import duality
@@ -321,3 +324,12 @@ def test_resumed_distillation_keeps_its_teacher(duo_checkpoint: Path, tmp_path: 
     lost = torch.load(tmp_path / "lost" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     with pytest.raises(AssertionError):
         assert_same_state(straight, lost)
+
+
+def test_distillation_without_a_teacher_is_refused_before_any_work(tmp_path: Path) -> None:
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        cfg = compose("config", overrides=[*TINY, "algorithm=duo_distill", f"checkpointing.save_dir={tmp_path}"])
+    refusal = r"algorithm=duo_distill starts from a trained model.*training.from_pretrained="
+    with pytest.raises(ValueError, match=refusal):
+        main.train(cfg, tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing built or written

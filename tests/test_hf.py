@@ -7,26 +7,31 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from conftest import ROOT
 from hydra.utils import instantiate
-from test_checkpoints import (
+from test_checkpoints import (  # noqa: F401 - eval_cfg: the composed-config fixture
     BLOCKS,
     COND,
     HEADS,
     HIDDEN,
     LENGTH,
+    SYNTHETIC_VOCAB,
     VOCAB,
+    eval_cfg,
     inputs,
     parameter_names,
     released_weights,
+    save_trained_checkpoint,
     write_original_checkpoint,
 )
 from transformers import AutoConfig, AutoModelForMaskedLM
 from transformers.modeling_outputs import MaskedLMOutput
 
+import main
 from checkpoints import LoadedCheckpoint, export_hf, load_checkpoint, save_as_ours
 from models.dit import DiT
 from models.ema import ExponentialMovingAverage
@@ -147,6 +152,31 @@ def test_export_of_an_original_sedd_checkpoint_keeps_its_parameterization(tmp_pa
     back = load_checkpoint(tmp_path / "hf")
     assert back.parameterization == "sedd" and back.config["time_conditioning"] is True
     assert architecture(back) == architecture(loaded)
+
+
+@pytest.mark.parametrize("name,options", [
+    ("udlm", {"sampling_eps": 0.01}),
+    ("duo", {"gamma_min": -3.55, "gamma_max": -1.85, "curriculum_start": 0, "curriculum_end": 7}),
+    ("duo_distill", {"T": 512, "loss_type": "kl-fwd"}),  # a distilled student
+])
+def test_export_of_a_uniform_state_model_evaluates_as_it(tmp_path: Path, eval_cfg: Any, name: str,  # noqa: F811
+                                                         options: dict[str, Any]) -> None:
+    keys = {"sampling_eps": "training.sampling_eps"}
+    path = save_trained_checkpoint(tmp_path, [f"algorithm={name}", "noise=linear",
+                                              *(f"{keys.get(k, 'algorithm.' + k)}={v}" for k, v in options.items())])
+    export_hf(load_checkpoint(path), tmp_path / "hf")
+    direct = main.load_for_eval(eval_cfg(f"eval.checkpoint_path={path}"), SYNTHETIC_VOCAB, SYNTHETIC_VOCAB - 1)
+    cfg = eval_cfg(f"eval.checkpoint_path={tmp_path / 'hf'}", "backbone=hf_dit")
+    exported = main.load_for_eval(cfg, SYNTHETIC_VOCAB, SYNTHETIC_VOCAB - 1)
+    assert type(exported.algorithm) is type(direct.algorithm) and type(exported.algorithm).name == name
+    assert cfg.sampler._target_.endswith("UniformAncestralSampler")
+    for option, value in options.items():
+        assert getattr(exported.algorithm, option) == value
+    assert type(exported.algorithm.noise).__name__ == "Linear"
+    indices = torch.randint(0, SYNTHETIC_VOCAB - 1, (2, 16), generator=torch.Generator().manual_seed(0))
+    sigma = torch.full((2,), 0.7)
+    with torch.no_grad():  # the same network (the EMA weights both ways), conditioned on the noise level
+        assert torch.equal(exported.backbone(indices, sigma), direct.backbone(indices, sigma))
 
 
 def test_ar_checkpoints_cannot_be_exported(tmp_path: Path) -> None:

@@ -140,6 +140,35 @@ def test_remdm_trace_matches_the_definition_on_every_call(mdlm) -> None:
     assert (steps >= 0).all() and (steps < out.nfe).all()
 
 
+def test_uniform_state_trace_is_the_last_change_and_leaves_the_samples() -> None:
+    """UDLM / DUO: the prior draw before call 0 is no decision; each step is the last call that changed the
+    position, every later change counts in ``remasks``, and tracing changes no sample."""
+    torch.manual_seed(0)
+    duo = main.build_module(config("algorithm=duo", "algorithm.curriculum_end=0", "algorithm.curriculum_start=0"),
+                            VOCAB, MASK).eval()
+    sampler = sampler_for(duo, "algorithm=duo", "sampling.steps=6")  # uniform_ancestral, greedy tail (default)
+    inputs: list[Tensor] = []
+
+    def spy(xt: Tensor, sigma: Tensor, **kwargs: Any) -> Tensor:
+        inputs.append(xt.clone())
+        return duo.algorithm.denoiser(duo.backbone)(xt, sigma, **kwargs)
+
+    spy.vocab_size = duo.algorithm.denoiser(duo.backbone).vocab_size  # type: ignore[attr-defined]
+    x = torch.full((BATCH, L), MASK)
+    x[:, 0] = 1  # a given token
+    trace = DenoisingTrace(spy, x, MASK)
+    out = sampler.sample(trace, x, generator=torch.Generator().manual_seed(0))
+    steps, remasks = trace.finish(out.tokens)
+    assert out.nfe == len(inputs) == trace.calls == 7 and (inputs[0] != MASK).all()  # the prior, drawn first
+    assert torch.equal(steps, reference_steps([x, *inputs, out.tokens]))
+    assert (steps[:, 0] == GIVEN).all() and (steps[:, 1:] >= UNDECIDED).all() and (steps[:, 1:] < 7).all()
+    changes = sum((a != b).long() for a, b in zip([*inputs[1:], out.tokens], inputs, strict=False))
+    assert torch.equal(remasks, changes)  # every change after the prior draw
+    for semi_ar in (None, (4, 3)):
+        plain, traced = sample(duo, sampler, False, semi_ar=semi_ar), sample(duo, sampler, True, semi_ar=semi_ar)
+        assert [r["tokens"] for r in plain] == [r["tokens"] for r in traced] and "sample" not in vars(sampler)
+
+
 # --------------------------------------------------------------------------- through generate_samples
 SAMPLERS = {
     "ddpm": ["sampler=ddpm"],
