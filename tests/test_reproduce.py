@@ -26,7 +26,7 @@ def test_reproduce_tables_smoke(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("table,rows", [
     ("bd3lm", ("| AR |", "| BD3-LM L'=4 |", "| BD3-LM L'=16 |", "| MDLM |")),
-    ("duo", ("| MDLM |", "| DUO |", "| UDLM |", "DUO's comparison")),
+    ("duo", ("| MDLM |", "| DUO |", "| DUO, config defaults |", "| UDLM |", "DUO's comparison")),
 ])
 def test_reproduce_comparison_smoke(tmp_path: Path, table: str, rows: tuple[str, ...]) -> None:
     out = tmp_path / f"{table}.md"
@@ -37,3 +37,6 @@ def test_reproduce_comparison_smoke(tmp_path: Path, table: str, rows: tuple[str,
     text = out.read_text()
     for row in (*rows, "Measured order", f"--table {table} --budget smoke"):
         assert row in text
+    if table == "duo":  # the scaled recipe: the curriculum for half of the smoke budget's 4 steps
+        command = (tmp_path / "work" / "smoke" / "DUO" / "train.log").read_text().splitlines()[0]
+        assert "algorithm.curriculum_end=2 " in command and "algorithm.gumbel_tau_log10_end=-3" in command
