@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import math
 import platform
 import shlex
@@ -38,16 +39,27 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "scripts"):  # run as `python scripts/distill_duo.py`: the repo and its scripts
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-from compare_samplers import compose_config, shown  # noqa: E402
+if str(ROOT) not in sys.path:  # run as `python scripts/distill_duo.py`: make the repo importable
+    sys.path.insert(0, str(ROOT))
 
 import main as entry  # noqa: E402
 import utils  # noqa: E402
 from dataloader import WORD_OFFSET  # noqa: E402
 from generation import make_sampler, score_samples  # noqa: E402
+
+
+def _script(name: str) -> Any:
+    """``scripts/<name>.py`` as a module, without putting scripts/ on sys.path (its lm_eval.py would shadow
+    the lm-eval package in the same process)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+_compare_samplers = _script("compare_samplers")
+compose_config, shown = _compare_samplers.compose_config, _compare_samplers.shown
 
 BUDGETS = {  # teacher steps, curriculum end, steps per distillation round, samples, the reference's steps
     "smoke": dict(teacher_steps=6, curriculum_end=3, round_steps=2, num_samples=4, batch_size=4, reference_steps=32),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +12,14 @@ import pytest
 import torch
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "scripts"))
-from distill_duo import valid_pair_fraction  # noqa: E402
+from dataloader import BOS_ID, EOS_ID, WORD_OFFSET
+from synthetic import MarkovSource
 
-from dataloader import BOS_ID, EOS_ID, WORD_OFFSET  # noqa: E402
-from synthetic import MarkovSource  # noqa: E402
+# loaded from its file: scripts/ on sys.path would shadow the lm-eval package with scripts/lm_eval.py
+_spec = importlib.util.spec_from_file_location("distill_duo", ROOT / "scripts" / "distill_duo.py")
+distill_duo = sys.modules["distill_duo"] = importlib.util.module_from_spec(_spec)  # (its dataclasses look it up)
+_spec.loader.exec_module(distill_duo)
+valid_pair_fraction = distill_duo.valid_pair_fraction
 
 
 def slow_valid_pairs(tokens: list[list[int]], transition: torch.Tensor) -> float:
