@@ -136,7 +136,7 @@ def draw_eval(table: EvalTable) -> Figure:
 def draw_samplers(path: Path) -> Figure:
     """``results/samplers.json`` drawn by ``scripts/compare_samplers.py``'s ``plot``."""
     if str(ROOT / "scripts") not in sys.path:
-        sys.path.insert(0, str(ROOT / "scripts"))
+        sys.path.append(str(ROOT / "scripts"))  # after site-packages (scripts/lm_eval.py vs lm-eval)
     import compare_samplers  # heavy (the repo's main module): only when asked for
 
     results: dict[str, Any] = json.loads(Path(path).read_text())

@@ -19,7 +19,7 @@ import pytest
 from conftest import ROOT
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.append(str(ROOT / "scripts"))  # after site-packages: scripts/lm_eval.py must not shadow lm-eval
 import plot_eval  # noqa: E402
 import plot_run  # noqa: E402
 
