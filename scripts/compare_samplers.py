@@ -156,6 +156,19 @@ def summarize(records: list[dict[str, Any]], summary: dict[str, float]) -> dict[
     return out
 
 
+def held_out_records(data: Any, num: int, offset: int = 0) -> list[dict[str, Any]]:
+    """``num`` evaluation blocks of ``data`` as sample records (NFE 0), evenly spaced from ``offset``; with a
+    source of known law, each with its ``true_nll_per_token``."""
+    dataset = data.evaluation_dataset()
+    indices = (np.arange(num) * (len(dataset) // num) + offset).tolist()
+    tokens = torch.stack([dataset[i]["input_ids"] for i in indices])  # (N, L)
+    records = [{"tokens": t.tolist(), "nfe": 0, "seconds": 0.0} for t in tokens]
+    if getattr(data, "has_true_nll", False):
+        for record, nll in zip(records, data.true_nll_of(tokens).tolist(), strict=True):
+            record["true_nll_per_token"] = nll / tokens.shape[1]
+    return records
+
+
 class Comparison:
     """One model loaded once; samples and scores each row."""
 
@@ -178,17 +191,11 @@ class Comparison:
 
     def held_out(self, num: int, offset: int) -> list[dict[str, Any]]:
         """``num`` evaluation blocks as sample records: evenly spaced, shifted by ``offset`` (disjoint sets)."""
-        dataset = self.data.evaluation_dataset()
-        if len(dataset) < 2 * num:
-            raise SystemExit(f"{self.model.label}: the evaluation split has {len(dataset)} blocks, fewer than "
+        blocks = len(self.data.evaluation_dataset())
+        if blocks < 2 * num:
+            raise SystemExit(f"{self.model.label}: the evaluation split has {blocks} blocks, fewer than "
                              f"2 x {num}: use fewer --num-samples")
-        indices = (np.arange(num) * (len(dataset) // num) + offset).tolist()
-        tokens = torch.stack([dataset[i]["input_ids"] for i in indices])  # (N, L)
-        records = [{"tokens": t.tolist(), "nfe": 0, "seconds": 0.0} for t in tokens]
-        if getattr(self.data, "has_true_nll", False):
-            for record, nll in zip(records, self.data.true_nll_of(tokens).tolist(), strict=True):
-                record["true_nll_per_token"] = nll / tokens.shape[1]
-        return records
+        return held_out_records(self.data, num, offset)
 
     def texts(self, records: list[dict[str, Any]]) -> list[str]:
         """What the eval LM reads of each record (:func:`generation.scored_text`)."""

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +59,7 @@ def _script(name: str) -> Any:
 
 _compare_samplers = _script("compare_samplers")
 compose_config, shown = _compare_samplers.compose_config, _compare_samplers.shown
+held_out_records, summarize = _compare_samplers.held_out_records, _compare_samplers.summarize
 
 BUDGETS = {  # teacher steps, curriculum end, steps per distillation round, samples, the reference's steps
     "smoke": dict(teacher_steps=6, curriculum_end=3, round_steps=2, num_samples=4, batch_size=4, reference_steps=32),
@@ -160,33 +160,26 @@ class Scorer:
         self.budget, self.seed = budget, seed
         self.num_batches = math.ceil(budget["num_samples"] / budget["batch_size"])
         self.loaded: dict[str, tuple[list[str], Any, Any]] = {}
+        self.data = None  # the same corpus for every checkpoint: built once
         for name, path in checkpoints.items():
             base = [*common_overrides(budget), "mode=sample_eval", f"eval.checkpoint_path={path}", f"seed={seed}"]
             cfg = compose_config(base)
             entry.validate_config(cfg)
             loaded = entry.adopt_for_eval(cfg)
-            self.data, vocab_size, mask_index = entry.build_data(cfg)
-            self.loaded[name] = (base, loaded, entry.build_for_eval(cfg, loaded, vocab_size, mask_index))
+            if self.data is None:
+                self.data, self.vocab_size, self.mask_index = entry.build_data(cfg)
+            self.loaded[name] = (base, loaded, entry.build_for_eval(cfg, loaded, self.vocab_size, self.mask_index))
 
     def scores(self, records: list[dict[str, Any]]) -> dict[str, Any]:
-        summary = score_samples(records, self.data.tokenizer, None, truncate=False)
-        true_nll = [r["true_nll_per_token"] for r in records]
-        possible = [v for v in true_nll if math.isfinite(v)]
+        """compare_samplers' numbers without an eval LM (NFE, s/sample, entropy, possible, true NLL), the
+        valid word pairs and the first sample's text."""
+        numbers = summarize(records, score_samples(records, self.data.tokenizer, None, truncate=False))
         tokens = torch.tensor([r["tokens"] for r in records])
-        return {"possible": len(possible) / len(true_nll), "true_nll": float(np.mean(possible)) if possible else None,
-                "valid_pairs": valid_pair_fraction(tokens, self.data.source.transition),
-                "entropy": summary["mean_entropy"], "seconds_per_sample": summary["seconds_per_sample"],
-                "nfe": float(np.mean([r["nfe"] for r in records])),
+        return {**numbers, "valid_pairs": valid_pair_fraction(tokens, self.data.source.transition),
                 "example": self.data.tokenizer.decode(records[0]["tokens"], skip_special_tokens=True)[:150]}
 
     def held_out(self) -> dict[str, Any]:
-        dataset = self.data.evaluation_dataset()
-        n = self.num_batches * self.budget["batch_size"]
-        indices = (np.arange(n) * (len(dataset) // n)).tolist()
-        tokens = torch.stack([dataset[i]["input_ids"] for i in indices])  # (N, L)
-        nll = self.data.true_nll_of(tokens) / tokens.shape[1]
-        records = [{"tokens": t.tolist(), "nfe": 0, "seconds": 0.0, "true_nll_per_token": float(v)}
-                   for t, v in zip(tokens, nll, strict=True)]
+        records = held_out_records(self.data, self.num_batches * self.budget["batch_size"])
         return {"label": "held-out source text", "steps": None, "command": "", **self.scores(records)}
 
     def row(self, row: Row) -> dict[str, Any]:
@@ -216,7 +209,7 @@ def rows(reference_steps: int) -> list[Row]:
 
 
 def fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else spec.format(value)
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else spec.format(value)
 
 
 def report(results: list[dict[str, Any]], commands: list[str], args: argparse.Namespace, truth: dict[str, float],
